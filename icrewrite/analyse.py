@@ -1,0 +1,163 @@
+"""Find, in traced scopes, the facts a plan is made of.
+
+- every weight layer: its input features, whether any graph calls it as a module,
+  whether it reads the model's raw input (a stem layer), whether its weight is used
+  functionally (``F.linear(x, self.qkv.weight)``), so an IC on its input would never run;
+- every BatchNorm that feeds an activation (BN -> act, or a fused ``BatchNormAct2d``):
+  whether it can be folded exactly into the weight layer that produces its input, or why not;
+- for data-free initialisation: which weight layers read ``act(BN(.))`` directly.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .layers import ICWeightLayer, ic_base, is_weight_layer, weight_layer_features
+from .patterns import activation_of, fused_activation, is_batchnorm, through_passthrough
+from .trace import Scope, trace_scopes
+
+__all__ = ["Layer", "NormBeforeAct", "Analysis", "analyse", "FOLDABLE_TYPES"]
+
+# Weight layers whose output is linear in ``weight``: a BatchNorm after them folds exactly.
+# (StdConv2d & co. standardise their weight in forward, CondConv2d mixes experts.)
+FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+)
+_FOLDABLE_TIMM_NAMES = {"Conv2dSame"}
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Layer:
+    """A weight layer of the model, as the analysis sees it."""
+
+    name: str
+    module: nn.Module
+    features: int
+    feature_dim: int
+    called: bool = False  # appears as a call_module node in some scope
+    reads_model_input: bool = False
+    functional: bool = False  # its parameters are read by get_attr (used outside its forward)
+    has_ic: bool = False
+    source: tuple[str, Activation] | None = None  # (BatchNorm name, activation) when input = act(BN(.))
+
+
+@dataclass
+class NormBeforeAct:
+    """A BatchNorm whose output feeds an activation."""
+
+    name: str
+    module: nn.Module
+    producer: str | None  # the weight layer it folds into, when foldable
+    fused_act: bool  # a norm+act module (BatchNormAct2d): replaced by its activation
+    reason: str | None = None  # why it cannot be folded; None when it can
+
+    @property
+    def foldable(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class Analysis:
+    layers: dict[str, Layer]
+    norms: list[NormBeforeAct]
+    scopes: list[Scope]
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (module, message)
+
+
+def is_foldable_into(module: nn.Module) -> bool:
+    """True when a BatchNorm after ``module`` can be folded into its weight and bias exactly."""
+    cls = ic_base(type(module)) if isinstance(module, ICWeightLayer) else type(module)
+    return cls in FOLDABLE_TYPES or cls.__name__ in _FOLDABLE_TIMM_NAMES
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _fold_blocker(norm: nn.Module, producer: fx.Node, scope: Scope, modules: dict[str, nn.Module],
+                  calls: Counter, attr_owners: set[str], norm_target: str) -> str | None:
+    """Why ``norm`` (called on ``producer``) cannot be folded into it, or None when it can."""
+    if producer.op != "call_module" or not is_weight_layer(modules.get(producer.target, nn.Identity())):
+        return "its input is not produced by a weight layer"
+    layer = modules[producer.target]
+    name = scope.qualname(producer.target)
+    if not is_foldable_into(layer):
+        return f"{name} ({type(layer).__name__}) cannot absorb a BatchNorm exactly"
+    if len(producer.users) != 1:
+        return f"the output of {name} has other consumers"
+    if calls[producer.target] != 1 or calls[norm_target] != 1:
+        return f"{name} or the BatchNorm is called more than once"
+    if producer.target in attr_owners or norm_target in attr_owners:
+        return f"the parameters of {name} or the BatchNorm are used outside their module"
+    if _out_features(layer) != norm.running_mean.numel():
+        return f"{name} has {_out_features(layer)} outputs, the BatchNorm {norm.running_mean.numel()} features"
+    if isinstance(layer, nn.Linear) and not isinstance(norm, nn.BatchNorm1d):
+        return f"{type(norm).__name__} after Linear {name}"
+    return None
+
+
+def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBeforeAct]) -> None:
+    assert scope.graph is not None
+    modules = dict(scope.module.named_modules())
+    nodes = list(scope.graph.nodes)
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    attr_owners = {n.target.rsplit(".", 1)[0] for n in nodes if n.op == "get_attr" and "." in n.target}
+    for owner in attr_owners:
+        if scope.qualname(owner) in layers:
+            layers[scope.qualname(owner)].functional = True
+
+    for node in nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        name = scope.qualname(node.target)
+        if name in layers:
+            layer = layers[name]
+            layer.called = True
+            arg = node.args[0] if node.args else None
+            if scope.is_model_input and isinstance(arg, fx.Node) and arg.op == "placeholder":
+                layer.reads_model_input = True
+        elif is_batchnorm(module):
+            fused = fused_activation(module)
+            act_users = [(u, activation_of(u, modules)) for u in through_passthrough(node, modules)]
+            act_users = [(u, fn) for u, fn in act_users if fn is not None]
+            if fused is None and not act_users:
+                continue  # not before an activation: the paper keeps such BatchNorms
+            producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            reason = (_fold_blocker(module, producer, scope, modules, calls, attr_owners, node.target)
+                      if producer is not None else "its input is not a graph value")
+            norms.append(NormBeforeAct(name, module, None if reason else scope.qualname(producer.target),
+                                       fused is not None, reason))
+            # Data-free IC statistics for weight layers that read act(BN(.)) directly.
+            outputs = [(node, fused)] if fused is not None else act_users
+            for out, act in outputs:
+                for user in through_passthrough(out, modules):
+                    target = scope.qualname(user.target) if user.op == "call_module" else None
+                    if target in layers:
+                        layers[target].source = (name, act)
+
+
+def analyse(model: nn.Module) -> Analysis:
+    """Trace ``model`` and collect its weight layers and BatchNorm -> activation patterns."""
+    layers: dict[str, Layer] = {}
+    for name, module in model.named_modules():
+        if is_weight_layer(module):
+            features, feature_dim = weight_layer_features(module)
+            layers[name] = Layer(name, module, features, feature_dim, has_ic=isinstance(module, ICWeightLayer))
+    scopes = trace_scopes(model)
+    norms: list[NormBeforeAct] = []
+    notes: list[tuple[str, str]] = []
+    for scope in scopes:
+        if scope.graph is None:
+            notes.append((scope.prefix or "<model>", f"not traceable ({scope.error}); weight layers inside get IC, "
+                          "BatchNorms inside are kept"))
+        else:
+            _analyse_scope(scope, layers, norms)
+    return Analysis(layers, norms, scopes, notes)

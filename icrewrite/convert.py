@@ -1,0 +1,149 @@
+"""``convert``: apply a plan to a model (fold, replace, attach IC blocks) and initialise it.
+
+Like ``torch.fx.experimental.optimization.fuse``, it works on a deep copy unless
+``inplace=True``. The model keeps its class and every weight layer its name; a BatchNorm
+that is removed becomes ``nn.Identity`` (or its activation, for fused norm+act modules),
+so module paths stay valid for timm's ``feature_info`` and ``pretrained_cfg``.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from .errors import ConversionError
+from .init_stats import activation_moments, calibrate
+from .layers import IC, attach_ic
+from .plan import Edit, Options, Plan, plan
+
+__all__ = ["convert", "apply", "fold_bn_into"]
+
+
+def _parent_name(target: str) -> tuple[str, str]:
+    """``"layer1.0.bn1"`` -> ``("layer1.0", "bn1")``."""
+    *parent, name = target.rsplit(".", 1)
+    return (parent[0] if parent else ""), name
+
+
+def replace_module(model: nn.Module, target: str, new: nn.Module) -> None:
+    parent, name = _parent_name(target)
+    setattr(model.get_submodule(parent), name, new)
+
+
+@torch.no_grad()
+def fold_bn_into(layer: nn.Module, norm: nn.Module) -> None:
+    """Fold eval-mode BatchNorm ``norm`` that follows ``layer`` into ``layer``'s weight and bias."""
+    args = (norm.running_mean, norm.running_var, norm.eps, getattr(norm, "weight", None), getattr(norm, "bias", None))
+    if isinstance(layer, nn.Linear):
+        weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, *args)
+    else:
+        transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+        weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *args, transpose=transpose)
+    layer.weight, layer.bias = weight, bias
+
+
+def _norm_replacement(norm: nn.Module, edit: Edit) -> nn.Module:
+    """What stands where a folded BatchNorm was: Identity, or a fused module's drop + act."""
+    if edit.action == "fold-norm":
+        return nn.Identity()
+    drop = getattr(norm, "drop", None)
+    if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+        return nn.Sequential(dict(drop=drop, act=norm.act))  # keeps the names bn.drop, bn.act
+    return norm.act
+
+
+def _data_free_stats(model: nn.Module, the_plan: Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """IC input mean and variance for layers that read act(BN(.)), from that BN's affine."""
+    stats = {}
+    assert the_plan.analysis is not None
+    for edit in the_plan.edits:
+        layer = the_plan.analysis.layers.get(edit.target) if edit.action == "insert-ic" else None
+        if layer is None or layer.source is None:
+            continue
+        norm = model.get_submodule(layer.source[0])
+        if norm.running_mean.device.type == "meta" or norm.running_mean.numel() != layer.features:
+            continue
+        weight = getattr(norm, "weight", None)
+        bias = getattr(norm, "bias", None)
+        mean = bias.detach() if bias is not None else torch.zeros_like(norm.running_mean)
+        std = weight.detach() if weight is not None else torch.ones_like(norm.running_var)
+        stats[edit.target] = activation_moments(layer.source[1], mean.float(), std.float())
+    return stats
+
+
+def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
+    """Make the edits of ``the_plan`` on ``model`` in place."""
+    opts = the_plan.options
+    stats = _data_free_stats(model, the_plan) if opts.init == "preserve" else {}
+    for edit in the_plan.edits:
+        if edit.action in ("fold-norm", "replace-norm-act"):
+            norm = model.get_submodule(edit.target)
+            fold_bn_into(model.get_submodule(edit.into), norm)
+            replace_module(model, edit.target, _norm_replacement(norm, edit))
+    for edit in the_plan.edits:
+        if edit.action != "insert-ic":
+            continue
+        layer = model.get_submodule(edit.target)
+        info = the_plan.analysis.layers[edit.target]
+        weight = next(layer.parameters())
+        ic = IC(info.features, opts.p, feature_dim=info.feature_dim, device=weight.device, dtype=weight.dtype)
+        ic.train(layer.training)
+        if opts.init == "preserve" and weight.device.type != "meta":
+            ic.set_identity(*stats.get(edit.target, (None, None)))
+        attach_ic(layer, ic)
+    return model
+
+
+def convert(
+    model: nn.Module,
+    *,
+    p: float = 0.05,
+    init: str = "preserve",
+    stem: bool = False,
+    head: bool = True,
+    exclude: Iterable[str] | str = (),
+    layout: str = "relu-ic-conv",
+    inplace: bool = False,
+    calibration: Iterable | torch.Tensor | None = None,
+    calibration_batches: int = 8,
+) -> nn.Module:
+    """Rewrite ``model`` into an IC network; returns a model of the same class.
+
+    Every weight layer (conv, linear, timm's own) gets an IC block on its input, except
+    stem layers (``stem=False``), the classifier (``head=False``) and names matching
+    ``exclude`` (fnmatch patterns or module prefixes). BatchNorms placed before an
+    activation are folded into the weight layer that feeds them and removed.
+
+    ``init="preserve"``: in eval mode the result computes the same function as ``model``;
+    IC statistics come from ``calibration`` batches when given, else are derived data-free
+    from the removed BatchNorms. ``init="fresh"``: standard BatchNorm initialisation.
+    ``model`` is untouched unless ``inplace=True``. Converting a converted model changes
+    nothing; a partially converted one is an error.
+    """
+    options = Options(p=p, init=init, stem=stem, head=head, exclude=tuple([exclude] if isinstance(exclude, str)
+                                                                            else exclude), layout=layout)
+    if calibration is not None and options.init != "preserve":
+        raise ConversionError("calibration sets statistics that preserve the function; it needs init='preserve'")
+    target = model if inplace else copy.deepcopy(model)
+    the_plan = plan(target, _options=options)
+    if the_plan.present and the_plan.count("insert-ic"):
+        raise ConversionError(
+            f"{the_plan.model} is partially converted: {len(the_plan.present)} weight layers already have IC "
+            f"blocks and {the_plan.count('insert-ic')} do not (e.g. {the_plan.edits[-1].target}); convert the "
+            "original model instead")
+    if not the_plan.edits:
+        return target
+    apply(target, the_plan)
+    if calibration is not None:
+        calibrate(target, calibration, max_batches=calibration_batches)
+    target.icrewrite_options = options.to_dict()
+    return target
+
+
+def options_of(model: nn.Module) -> dict[str, Any] | None:
+    """The options a converted model was made with (``None`` for a model icrewrite did not convert)."""
+    return getattr(model, "icrewrite_options", None)

@@ -1,0 +1,31 @@
+"""Write files so that a reader never sees a half-written one."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ICRewriteError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    With ``force=False`` an existing ``path`` is an error instead of being replaced.
+    """
+    path = Path(path)
+    if not force and path.exists():
+        raise ICRewriteError(f"{path} exists; pass --force (force=True) to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)

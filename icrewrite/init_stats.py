@@ -1,0 +1,97 @@
+"""Running statistics for new IC blocks: data-free estimates or calibration on real batches.
+
+An IC BatchNorm with running statistics ``(m, v)`` and ``gamma = sqrt(v + eps)``,
+``beta = m`` is the identity in eval mode whatever ``(m, v)`` are; they only decide how
+train-mode batches are normalised, so good values make training start where the
+original network was.
+
+Data-free: a removed BatchNorm with affine ``(gamma, beta)`` left its output roughly
+``z ~ N(beta, gamma^2)``; the IC input is ``act(z)``, whose mean and variance are computed
+by Gauss-Hermite quadrature for any elementwise activation.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import IC
+
+__all__ = ["activation_moments", "calibrate"]
+
+_QUADRATURE_POINTS = 48
+
+
+@functools.cache
+def _gauss_hermite() -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights for E[f(z)], z ~ N(0, 1/2) scaled: sum(w * f(t)) approximates the mean."""
+    nodes, weights = np.polynomial.hermite.hermgauss(_QUADRATURE_POINTS)
+    return (torch.as_tensor(nodes, dtype=torch.float64)[:, None],
+            torch.as_tensor(weights, dtype=torch.float64)[:, None] / math.sqrt(math.pi))
+
+
+@torch.no_grad()
+def activation_moments(act: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, std: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of ``act(z)`` for ``z ~ N(mean, std^2)`` (Gauss-Hermite)."""
+    t, w = _gauss_hermite()
+    mu, sigma = mean.detach().double().cpu(), std.detach().double().cpu().abs()
+    z = mu[None] + math.sqrt(2.0) * sigma[None] * t  # (points, channels): channels on dim 1
+    y = act(z.float()).double()  # float32: activation modules may hold float32 parameters (PReLU)
+    m1 = (w * y).sum(0)
+    m2 = (w * y * y).sum(0)
+    var = (m2 - m1 * m1).clamp_min(1e-6)
+    return m1.to(mean), var.to(mean)
+
+
+def _batches(data: Iterable | torch.Tensor) -> Iterable[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    for batch in data:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data: Iterable | torch.Tensor, *, max_batches: int = 8) -> int:
+    """Set every IC block's statistics to those of its input on real batches.
+
+    The model runs in eval mode, where each IC block is the identity (``set_identity``), so
+    every block sees the input the original network gave it. Returns the batches used.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, IC)]
+    sums: dict[IC, list[torch.Tensor]] = {}
+
+    def record(block: IC, args: tuple) -> None:
+        x = args[0].detach()
+        x = x.transpose(1, -1) if block.feature_dim == 1 else x
+        x = x.reshape(-1, x.shape[-1]).double()
+        acc = sums.setdefault(block, [torch.zeros(()), torch.zeros(()), torch.zeros(())])
+        acc[0] = acc[0] + x.sum(0)
+        acc[1] = acc[1] + (x * x).sum(0)
+        acc[2] = acc[2] + x.shape[0]
+
+    handles = [b.register_forward_pre_hook(record) for b in blocks]
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    used = 0
+    try:
+        for x in _batches(data):
+            if used >= max_batches:
+                break
+            model(x.to(device))
+            used += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for block, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(1e-6)
+        block.set_identity(mean.to(block.norm.running_mean), var.to(block.norm.running_var))
+    return used

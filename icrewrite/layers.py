@@ -1,0 +1,171 @@
+"""The IC block and the weight layers that carry one.
+
+``IC`` is BatchNorm followed by Dropout (Chen et al., arXiv 1905.05928). A converted
+weight layer keeps its class, name and parameters: its class is swapped for a subclass
+(``IC<Base>``, created once per base class) whose ``forward`` applies ``self.ic`` to the
+input first. ``isinstance`` checks and state-dict keys of the layer stay as they were,
+and ``torch.fx``, ``torch.compile`` and the ONNX exporters see the IC because it is
+plain module code, not a hook.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from timm.layers import CondConv2d, register_notrace_module
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .patterns import bn_affine
+
+__all__ = [
+    "IC",
+    "ICBatchNorm",
+    "ICWeightLayer",
+    "ic_class",
+    "attach_ic",
+    "is_weight_layer",
+    "weight_layer_features",
+    "WEIGHT_LAYER_TYPES",
+]
+
+
+@register_notrace_module
+class ICBatchNorm(_BatchNorm):
+    """BatchNorm over dim 1 of an input of any rank >= 2 (``(N, C, *)``).
+
+    A ``_BatchNorm`` so that ``nn.SyncBatchNorm.convert_sync_batchnorm`` and every tool
+    that looks for BatchNorm layers finds it. ``F.batch_norm`` checks the rank itself, so
+    there is no Python-level check that would stop ``torch.fx`` from tracing through it.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
+
+class IC(nn.Module):
+    """Independent-Component block: ``Dropout_p(BatchNorm(x))``.
+
+    Args:
+        num_features: features of the input that the next weight layer consumes.
+        p: dropout probability (the paper uses about 0.05).
+        feature_dim: ``1`` for convolution inputs ``(N, C, *)``; ``-1`` for ``Linear``
+            inputs ``(*, C)`` such as ``(B, N, C)`` tokens.
+        eps, momentum: as in ``nn.BatchNorm2d``.
+
+    In eval mode it is the per-feature affine map returned by :meth:`affine`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        p: float = 0.05,
+        *,
+        feature_dim: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if feature_dim not in (1, -1):
+            raise ValueError(f"feature_dim must be 1 (convolution input) or -1 (Linear input), got {feature_dim}")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.feature_dim = feature_dim
+        self.norm = ICBatchNorm(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.drop = nn.Dropout(p)
+
+    @property
+    def num_features(self) -> int:
+        return self.norm.num_features
+
+    @property
+    def p(self) -> float:
+        return self.drop.p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_dim == 1:
+            x = self.norm(x)
+        else:
+            x = self.norm(x.flatten(0, -2)).reshape(x.shape)
+        return self.drop(x)
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` with ``IC(x) == scale * x + shift`` per feature in eval mode."""
+        return bn_affine(self.norm)
+
+    @torch.no_grad()
+    def set_identity(self, mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> None:
+        """Set running statistics to ``(mean, var)`` and the affine so that eval mode is the identity.
+
+        Train mode then normalises a batch and maps it back to the scale ``(mean, var)``,
+        so a converted network starts from the function it had.
+        """
+        norm = self.norm
+        if mean is not None:
+            norm.running_mean.copy_(mean)
+        if var is not None:
+            norm.running_var.copy_(var)
+        norm.weight.copy_(torch.sqrt(norm.running_var + norm.eps))
+        norm.bias.copy_(norm.running_mean)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, p={self.p}, feature_dim={self.feature_dim}"
+
+
+# Weight layers: the modules an IC block is placed before.
+WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, CondConv2d)
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """True for convolutions (any rank, transposed too), ``Linear`` and timm's ``CondConv2d``."""
+    return isinstance(module, WEIGHT_LAYER_TYPES)
+
+
+def weight_layer_features(module: nn.Module) -> tuple[int, int]:
+    """``(num_features, feature_dim)`` of a weight layer's input."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, -1
+    return module.in_channels, 1
+
+
+class ICWeightLayer(nn.Module):
+    """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer."""
+
+    ic: IC
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return super().forward(self.ic(x), *args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Rebuild through ic_class so that pickle (torch.save, multiprocessing) and
+        # deepcopy find the dynamically created class in a fresh process.
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_ic_layer, (ic_base(type(self)),)) + tuple(reduced[2:])
+
+
+def ic_base(cls: type[nn.Module]) -> type[nn.Module]:
+    """The original weight-layer class behind an ``IC<Base>`` class."""
+    return next(b for b in cls.__mro__[1:] if b is not ICWeightLayer and not issubclass(b, ICWeightLayer))
+
+
+@functools.cache
+def ic_class(base: type[nn.Module]) -> type[nn.Module]:
+    """The ``IC<Base>`` subclass of a weight-layer class (one per base class)."""
+    if issubclass(base, ICWeightLayer):
+        return base
+    return type(f"IC{base.__name__}", (ICWeightLayer, base), {"__module__": __name__, "__doc__": base.__doc__})
+
+
+def _new_ic_layer(base: type[nn.Module]) -> nn.Module:
+    cls = ic_class(base)
+    return cls.__new__(cls)
+
+
+def attach_ic(layer: nn.Module, ic: IC) -> nn.Module:
+    """Give ``layer`` the IC block ``ic`` in place, keeping its name, parameters and hooks."""
+    layer.__class__ = ic_class(type(layer))
+    layer.ic = ic
+    return layer

@@ -1,0 +1,216 @@
+"""``plan``: every edit a conversion would make, computed without changing the model.
+
+A plan is made from the analysis (see ``analyse.py``) and the user's options:
+- ``insert-ic``: an IC block on the input of a weight layer;
+- ``fold-norm``: a BatchNorm before an activation, folded into the weight layer before it
+  and replaced by ``nn.Identity`` (``replace-norm-act`` for timm's fused ``BatchNormAct2d``,
+  replaced by its activation);
+and notes for what is left as it was, with the reason (stem, head, excluded, kept BatchNorm).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .analyse import Analysis, Layer, NormBeforeAct, analyse
+from .errors import ConversionError
+
+__all__ = ["Options", "Edit", "Note", "Plan", "plan", "LAYOUTS"]
+
+LAYOUTS = ("relu-ic-conv",)
+INITS = ("preserve", "fresh")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Conversion options; ``to_dict()`` is what a converted model records."""
+
+    p: float = 0.05
+    init: str = "preserve"
+    stem: bool = False
+    head: bool = True
+    exclude: tuple[str, ...] = ()
+    layout: str = "relu-ic-conv"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise ConversionError(f"p must be in [0, 1), got {self.p}")
+        if self.init not in INITS:
+            raise ConversionError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.layout not in LAYOUTS:
+            raise ConversionError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exclude": list(self.exclude)}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change to the model. ``param_delta`` is exact: ``verify`` measures the same."""
+
+    action: str  # "insert-ic" | "fold-norm" | "replace-norm-act"
+    target: str  # module name
+    features: int
+    param_delta: int
+    detail: str
+    into: str | None = None  # fold edits: the weight layer that absorbs the BatchNorm
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the conversion leaves as it was, and why."""
+
+    target: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    model: str
+    options: Options
+    params_before: int
+    edits: list[Edit] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)  # weight layers that already have an IC block
+    analysis: Analysis | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def param_delta(self) -> int:
+        return sum(e.param_delta for e in self.edits)
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before + self.param_delta
+
+    def count(self, action: str) -> int:
+        return sum(e.action == action for e in self.edits)
+
+    def summary(self) -> str:
+        folded = self.count("fold-norm") + self.count("replace-norm-act")
+        pct = 100.0 * self.param_delta / max(self.params_before, 1)
+        line = (f"{self.model}: {self.count('insert-ic')} IC blocks to insert, {folded} BatchNorms to fold, "
+                f"{len(self.notes)} notes; parameters {self.params_before:,} -> {self.params_after:,} "
+                f"({self.param_delta:+,}, {pct:+.2f}%)")
+        if self.present:
+            line += f"; {len(self.present)} weight layers already have IC blocks"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "options": self.options.to_dict(),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "param_delta": self.param_delta,
+            "edits": [e.to_dict() for e in self.edits],
+            "notes": [asdict(n) for n in self.notes],
+            "present": list(self.present),
+        }
+
+    def __str__(self) -> str:
+        rows = [(e.action, e.target, str(e.features), f"{e.param_delta:+,}", e.detail) for e in self.edits]
+        rows += [("keep", n.target, "", "", n.reason) for n in self.notes]
+        header = ("action", "module", "features", "params", "detail")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+        lines = [self.summary(), ""]
+        for row in [header, *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _classifier_names(model: nn.Module) -> set[str]:
+    """Module names of the classifier, from timm's ``pretrained_cfg`` and ``get_classifier``."""
+    names: set[str] = set()
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    classifier = cfg.get("classifier") if isinstance(cfg, dict) else None
+    names.update([classifier] if isinstance(classifier, str) else list(classifier or ()))
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            head = get_classifier()
+        except Exception:  # some timm models raise when they have no head
+            head = None
+        names.update(n for n, m in model.named_modules() if head is not None and m is head)
+    return {n for n in names if n}
+
+
+def _within(name: str, roots: set[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def _skip_reason(layer: Layer, options: Options, heads: set[str]) -> str | None:
+    """Why ``layer`` gets no IC block under ``options``, or None."""
+    for pattern in options.exclude:
+        if fnmatch.fnmatchcase(layer.name, pattern) or _within(layer.name, {pattern}):
+            return f"excluded by {pattern!r}"
+    if not options.head and _within(layer.name, heads):
+        return "classifier (head=False)"
+    if not options.stem and layer.reads_model_input:
+        return "stem: reads the model input (stem=False)"
+    if layer.functional and not layer.called:
+        return "its weight is used functionally, never through the module: an IC block would not run"
+    return None
+
+
+def _params(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _fold_edit(norm: NormBeforeAct, producer: nn.Module) -> Edit:
+    """The edit that folds ``norm`` into ``producer``: the norm's parameters go, and a
+    producer without bias gains one."""
+    features = norm.module.running_mean.numel()
+    delta = -_params(norm.module) + (features if getattr(producer, "bias", None) is None else 0)
+    if norm.fused_act:
+        return Edit("replace-norm-act", norm.name, features, delta,
+                    f"folded into {norm.producer}, replaced by its {type(norm.module.act).__name__}", norm.producer)
+    return Edit("fold-norm", norm.name, features, delta, f"folded into {norm.producer}, replaced by Identity",
+                norm.producer)
+
+
+def plan(model: nn.Module, **options: Any) -> Plan:
+    """List every edit ``convert(model, **options)`` would make; the model is not changed.
+
+    Works on models built on the ``meta`` device. Options are those of ``convert``
+    (``p``, ``init``, ``stem``, ``head``, ``exclude``, ``layout``).
+    """
+    opts = options.pop("_options", None) or Options(**options)
+    analysis = analyse(model)
+    result = Plan(
+        model=(getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__,
+        options=opts,
+        params_before=sum(p.numel() for p in model.parameters()),
+        analysis=analysis,
+    )
+    heads = _classifier_names(model)
+    for norm in analysis.norms:
+        if norm.foldable:
+            producer = model.get_submodule(norm.producer)
+            result.edits.append(_fold_edit(norm, producer))
+        else:
+            result.notes.append(Note(norm.name, f"BatchNorm before an activation kept: {norm.reason}"))
+    for layer in analysis.layers.values():
+        reason = _skip_reason(layer, opts, heads)
+        if layer.has_ic:
+            result.present.append(layer.name)
+        elif reason:
+            result.notes.append(Note(layer.name, reason))
+        else:
+            source = f"statistics from {layer.source[0]}" if layer.source else "default statistics"
+            where = "channels (dim 1)" if layer.feature_dim == 1 else "features (last dim)"
+            if not layer.called:
+                source += "; not seen in any trace"
+            result.edits.append(Edit("insert-ic", layer.name, layer.features, 2 * layer.features,
+                                     f"over {where}, {source}"))
+    for where, message in analysis.notes:
+        result.notes.append(Note(where, message))
+    return result

@@ -1,0 +1,105 @@
+"""Trace a model into ``torch.fx`` graphs, one per *scope*, for analysis only.
+
+The root module is traced with timm's leaf modules and autowrapped functions; weight
+layers, norms, activations and IC blocks are leaves too, so each appears as one
+``call_module`` node. When tracing fails inside a submodule (data-dependent control
+flow, say), that submodule becomes a leaf and the trace is retried. Every leaf that holds
+weight layers of its own is then traced as a scope of its own, recursively; a scope
+that cannot be traced at all is recorded with its error and its children are tried one
+by one. Nothing here changes the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from timm.layers import get_notrace_functions, is_notrace_module
+from torch import nn
+
+from .layers import IC, ICWeightLayer, is_weight_layer
+from .patterns import is_activation_module, is_batchnorm
+
+__all__ = ["Scope", "trace_scopes"]
+
+# Retries with one more leaf each; a model needing more is treated as untraceable.
+_MAX_LEAF_RETRIES = 64
+
+
+@dataclass
+class Scope:
+    """A module traced on its own: ``graph`` is None when it could not be traced."""
+
+    prefix: str  # module path of the scope's root ("" for the model itself)
+    module: nn.Module
+    graph: fx.Graph | None
+    is_model_input: bool  # placeholders are the model's own inputs
+    error: str | None = None
+    leaves: set[str] = field(default_factory=set)  # extra leaves added on trace failure
+
+    def qualname(self, target: str) -> str:
+        """Module path, in the whole model, of a ``call_module`` target of this scope."""
+        return f"{self.prefix}.{target}" if self.prefix and target else (self.prefix or target)
+
+
+class ICTracer(fx.Tracer):
+    """FX tracer that keeps the modules icrewrite reasons about as single nodes."""
+
+    def __init__(self, extra_leaves: set[str] | None = None) -> None:
+        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self.extra_leaves = extra_leaves or set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.extra_leaves:
+            return True
+        if isinstance(m, (IC, ICWeightLayer)) or is_weight_layer(m) or is_batchnorm(m) or is_activation_module(m):
+            return True
+        if is_notrace_module(type(m)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_with_leaf_fallback(module: nn.Module) -> tuple[fx.Graph | None, set[str], str | None]:
+    """Trace ``module``; on failure make the innermost failing submodule a leaf and retry."""
+    leaves: set[str] = set()
+    for _ in range(_MAX_LEAF_RETRIES):
+        tracer = ICTracer(leaves)
+        try:
+            return tracer.trace(module), leaves, None
+        except Exception as exc:  # FX raises many types; any failure means "not traceable here"
+            failing = [name for name, _ in tracer.module_stack.values() if name and name not in leaves]
+            if not failing:
+                return None, leaves, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            leaves.add(failing[-1])
+    return None, leaves, "too many untraceable submodules"
+
+
+def _holds_weight_layers(module: nn.Module) -> bool:
+    return any(is_weight_layer(m) for m in module.modules())
+
+
+def _reads_placeholder(graph: fx.Graph, target: str) -> bool:
+    """True when some call of submodule ``target`` takes a placeholder as its first input."""
+    return any(n.op == "call_module" and n.target == target and n.args and isinstance(n.args[0], fx.Node)
+               and n.args[0].op == "placeholder" for n in graph.nodes)
+
+
+def trace_scopes(model: nn.Module) -> list[Scope]:
+    """All scopes of ``model``: the model itself first, then every leaf that holds weight layers."""
+    scopes: list[Scope] = []
+    pending: list[tuple[str, nn.Module, bool]] = [("", model, True)]
+    while pending:
+        prefix, module, is_model_input = pending.pop(0)
+        graph, leaves, error = _trace_with_leaf_fallback(module)
+        scopes.append(Scope(prefix, module, graph, is_model_input, error, leaves))
+        if graph is None:
+            # Untraceable: try the children one by one. Which child reads the model input is
+            # unknown; modules register their stem first, so the first child is taken to.
+            children = [(name, child, is_model_input and i == 0)
+                        for i, (name, child) in enumerate(module.named_children())]
+        else:
+            children = [(name, module.get_submodule(name), is_model_input and _reads_placeholder(graph, name))
+                        for name in sorted({n.target for n in graph.nodes if n.op == "call_module"})]
+        for name, child, reads_input in children:
+            if not is_weight_layer(child) and not isinstance(child, IC) and _holds_weight_layers(child):
+                pending.append((f"{prefix}.{name}" if prefix else name, child, reads_input))
+    return scopes
