@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from .errors import ExportError
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 _PLAIN_CONVS: tuple[type[nn.modules.conv._ConvNd], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Linear classes whose forward is F.linear(x, weight, bias) (timm's only adds a cast when scripted).
+_PLAIN_LINEARS: tuple[type[nn.Linear], ...] = (nn.Linear, TimmLinear)
 
 
 class _BorderCorrection:
@@ -84,12 +87,13 @@ class FoldReport:
         return len(self.folded) + len(self.border_corrected) + len(self.kept)
 
     def summary(self) -> str:
-        """One line, e.g. ``"53 ICs: 37 folded, 16 folded with a border correction at 3x224x224, 0 kept"``."""
-        size = "x".join(map(str, self.input_size)) if self.input_size else "any size"
-        return (
-            f"{self.total} ICs: {len(self.folded)} folded, "
-            f"{len(self.border_corrected)} folded with a border correction at {size}, {len(self.kept)} kept"
-        )
+        """One line, e.g. ``"53 ICs: 37 folded, 16 folded with a border correction (exact at 3x224x224), 0 kept"``."""
+        parts = [f"{len(self.folded)} folded"]
+        if self.border_corrected:
+            size = "x".join(map(str, self.input_size or ()))
+            parts.append(f"{len(self.border_corrected)} folded with a border correction (exact at {size})")
+        parts.append(f"{len(self.kept)} kept as an affine op")
+        return f"{self.total} ICs: {', '.join(parts)}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (used for the ONNX metadata)."""
@@ -168,7 +172,7 @@ def _why_not_foldable(
 ) -> str | None:
     """Why the IC of ``layer`` cannot be folded exactly, or None when it can."""
     base = ic_base(type(layer))
-    is_linear = issubclass(base, nn.Linear) and base.forward is nn.Linear.forward
+    is_linear = any(issubclass(base, cls) and base.forward is cls.forward for cls in _PLAIN_LINEARS)
     if not is_linear and not _plain_conv(base):
         return f"{base.__name__} has its own forward"
     if id(layer.weight) in shared:

@@ -1,8 +1,14 @@
 """Helpers to test conversions honestly (used by the test suite and the zoo sweep)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .layers import ICBatchNorm, is_weight_layer
 from torch.nn.modules.batchnorm import _NormBase
 
 
@@ -27,35 +33,149 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+_WEIGHT_OPS = {
+    F.linear: -1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1,
+    F.conv_transpose1d: 1, F.conv_transpose2d: 1, F.conv_transpose3d: 1,
+}
+
+
+class _WeightInputRecorder(TorchFunctionMode):
+    """Record the input of every conv/linear call whose weight is a known parameter."""
+
+    def __init__(self, owners: dict[int, str]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        feature_dim = _WEIGHT_OPS.get(func)
+        if feature_dim is not None and len(args) >= 1:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.owners.get(id(weight))
+            if name is not None and name not in self.inputs:
+                t = args[0].detach().float()
+                t = t.transpose(1, -1) if feature_dim == 1 else t
+                self.inputs[name] = t.reshape(-1, t.shape[-1])
+        return func(*args, **kwargs)
+
+
 @torch.no_grad()
 def weight_layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input each weight layer actually receives after its IC block, in the current mode.
+    """What each weight layer's weight is actually applied to, as ``(samples, features)``.
 
-    Hooks sit on the weight layers' ``forward`` pre-hooks, and for converted layers on the IC
-    block's output, so what is measured is what the weights see, whatever the names say.
-    Inputs are returned as ``(samples, features)``.
+    Conv and linear calls are intercepted (``TorchFunctionMode``) and matched to layers by
+    the identity of the weight tensor, so the check trusts no module names or structure.
+    Runs ``model`` once in its current mode.
     """
-    from .layers import ICWeightLayer, is_weight_layer, weight_layer_features
-
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if not is_weight_layer(module):
-            continue
-        _, feature_dim = weight_layer_features(module)
-
-        def capture(t: torch.Tensor, name: str = name, feature_dim: int = feature_dim) -> None:
-            t = t.detach().float()
-            t = t.transpose(1, -1) if feature_dim == 1 else t
-            seen.setdefault(name, t.reshape(-1, t.shape[-1]))
-
-        if isinstance(module, ICWeightLayer):
-            handles.append(module.ic.register_forward_hook(lambda m, a, out, c=capture: c(out)))
-        else:
-            handles.append(module.register_forward_pre_hook(lambda m, a, c=capture: c(a[0])))
-    try:
+    owners = {id(m.weight): name for name, m in model.named_modules()
+              if is_weight_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    with _WeightInputRecorder(owners) as recorder:
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return recorder.inputs
+
+
+@dataclass
+class ConversionCheck:
+    """Outcome of :func:`check_conversion`; ``failures`` is empty when every invariant holds."""
+
+    model: str
+    sites: int = 0
+    rel_error: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _normalised(t: torch.Tensor) -> bool:
+    """Per-feature batch mean ~0 and variance ~1: a BatchNorm sits right before.
+
+    Features constant over the batch, such as dead ReLUs, normalise to 0 and are excepted,
+    as long as most features are alive.
+    """
+    mean, var = t.mean(0), t.var(0, unbiased=False)
+    alive = var > 0.5
+    return bool((mean.abs() < 1e-2)[alive].all() and ((var - 1).abs() < 0.05)[alive].all()
+                and alive.float().mean() >= 0.5)
+
+
+def _zero_fraction(t: torch.Tensor) -> float:
+    """Fraction of exact zeros, over features that are not zero throughout (dead features)."""
+    alive = t[:, (t != 0).any(0)]
+    return (alive == 0).float().mean().item() if alive.numel() else 0.0
+
+
+def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **options) -> ConversionCheck:
+    """Convert ``model`` several ways and check every invariant of a correct conversion.
+
+    - the converted model has the model's class and the original is untouched;
+    - eval-mode function preserved (``init="preserve"``) with randomised norm statistics;
+    - the plan's parameter delta equals the measured one; converting again changes nothing;
+    - with ``init="fresh", p=0`` every non-stem weight layer sees per-feature mean ~0 and
+      variance ~1 in train mode, and with ``p=0.5`` about half of its input is exactly zero
+      (measured on what the weights are applied to, not on names);
+    - backward reaches every parameter that the original model's backward reaches.
+    """
+    from .convert import convert
+    from .plan import plan
+    from .verify import output_tensors, verify
+
+    result = ConversionCheck(type(model).__name__)
+    fail = result.failures.append
+    randomize_norms(model, seed)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    the_plan = plan(model, **options)
+    converted = convert(model, **options)
+    if type(converted) is not type(model):
+        fail(f"class changed: {type(converted).__name__}")
+    after = model.state_dict()
+    if before.keys() != after.keys() or any(not torch.equal(before[k], after[k]) for k in before):
+        fail("the original model was modified")
+    report = verify(model, converted, x)
+    result.rel_error = report.max_rel_error
+    if not report.ok:
+        fail(f"eval output changed: relative error {report.max_rel_error:.3g}")
+    if report.param_delta != the_plan.param_delta:
+        fail(f"plan predicted {the_plan.param_delta:+} parameters, measured {report.param_delta:+}")
+    again = plan(converted, **options)
+    if again.edits:
+        fail(f"converting twice would make {len(again.edits)} more edits, e.g. {again.edits[0]}")
+
+    sites = {e.target for e in the_plan.edits if e.action == "insert-ic"}
+    result.sites = len(sites)
+    skipped = {n.target: n.reason for n in the_plan.notes}
+    for name, module in model.named_modules():
+        if is_weight_layer(module) and name not in sites and not skipped.get(name, "").startswith(("stem", "excluded", "classifier")):
+            fail(f"{name}: no IC block ({skipped.get(name, 'not planned')})")
+
+    torch.manual_seed(seed)
+    fresh = convert(model, **{**options, "init": "fresh", "p": 0.0}).train()
+    for norm in fresh.modules():
+        if isinstance(norm, ICBatchNorm):
+            norm.eps = 1e-30  # so that features of tiny batch variance (pooled, small batches) still normalise to 1
+    inputs = weight_layer_inputs(fresh, x)
+    for name in sorted(sites):
+        if name not in inputs:
+            fail(f"{name}: weight never applied in forward")
+        elif not _normalised(inputs[name]):
+            fail(f"{name}: input not normalised (no BatchNorm directly before)")
+    dropped = convert(model, **{**options, "init": "fresh", "p": 0.5}).train()
+    for name, t in weight_layer_inputs(dropped, x).items():
+        if name in sites and t.numel() >= 400 and not 0.4 <= _zero_fraction(t) <= 0.6:
+            fail(f"{name}: {_zero_fraction(t):.2f} of the input is zero with p=0.5 (no Dropout before)")
+
+    def grads(m: nn.Module) -> set[str]:
+        m.train().zero_grad(set_to_none=True)
+        sum(t.float().sum() for t in output_tensors(m(x))).backward()
+        return {n for n, p in m.named_parameters() if p.grad is not None}
+
+    names = {n for n, _ in converted.named_parameters()}
+    missing = ((grads(model) & names) | {n for n in names if ".ic." in n}) - grads(converted)
+    model.eval()
+    if missing:
+        fail(f"backward does not reach {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+    return result

@@ -1,0 +1,392 @@
+"""Checkpoints: read users' weights safely, save converted models, rebuild them from the file.
+
+Reading goes through timm's own ``load_state_dict`` (``.safetensors``, ``.pth``,
+``.pth.tar``, ``.bin``; plain or nested under ``state_dict_ema``/``model_ema``/
+``state_dict``/``model``, EMA weights preferred as timm does; DDP and ``torch.compile``
+prefixes removed) with ``torch.load(weights_only=True)``: a pickle that needs anything but
+tensors is refused before any of its code runs, unless the caller opts into
+``unsafe_pickle``.
+
+``save`` writes ``.safetensors`` whose metadata holds timm's ``config.json`` (architecture,
+``model_args``, ``pretrained_cfg``) plus an ``icrewrite`` section (version, conversion
+options, parity summary, and a probe: the model's output on a seeded input), so ``load``
+rebuilds the converted model from the file alone. A folder gets the Hugging Face/timm
+layout, ``config.json`` + ``model.safetensors``; ``timm.create_model("local-dir:FOLDER")``
+reads that config and builds the unconverted architecture.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from timm.models import load_state_dict, parse_model_name, split_model_name_tag
+from timm.models._hub import save_config_for_hf
+from torch import nn
+
+from . import __version__
+from .convert import convert, options_of
+from .errors import CheckpointError
+from .files import atomic_path
+from .verify import Report, output_tensors
+
+__all__ = [
+    "read_state_dict",
+    "fit_state_dict",
+    "create_timm_model",
+    "load_model",
+    "save",
+    "load",
+    "read_config",
+    "check",
+    "example_input",
+    "refuse_overwrite",
+]
+
+WEIGHTS_NAME = "model.safetensors"  # file names of the Hugging Face/timm folder layout
+CONFIG_NAME = "config.json"
+_METADATA_KEY = "icrewrite_config"  # safetensors metadata entry holding the config as JSON
+_PROBE_VALUES = 64  # output values a checkpoint records to check that it reproduces its model
+_SHOWN = 3  # names listed in an error message before "and N more"
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".tar", ".bin", ".pt", ".ckpt")
+
+
+def _few(items: list[str], shown: int = _SHOWN) -> str:
+    """``"a, b, c and 4 more"``: a list short enough for a one-line message."""
+    head = ", ".join(items[:shown])
+    return f"{head} and {len(items) - shown} more" if len(items) > shown else head
+
+
+# --- reading weights -----------------------------------------------------------------
+
+
+def _read_error(path: Path, err: BaseException, unsafe_pickle: bool) -> CheckpointError:
+    """The one-line error for a file that ``torch.load``/safetensors could not read.
+
+    The weights-only unpickler has already refused the file whatever this says; torch's
+    message only tells a pickle that would import code (``GLOBAL module.name``) from one
+    it cannot parse.
+    """
+    rejected = next((c for c in (err, err.__cause__) if isinstance(c, pickle.UnpicklingError)), None)
+    if rejected is not None and not unsafe_pickle:
+        blocked = re.findall(r"GLOBAL ([\w.]+)", str(rejected))
+        if blocked:
+            return CheckpointError(
+                f"{path}: refused to unpickle: the file would import {_few(blocked)}, and loading it could run "
+                "code; nothing from it was executed. Pass --unsafe-pickle (unsafe_pickle=True) only for a file "
+                "you trust")
+        return CheckpointError(
+            f"{path}: not a tensor-only checkpoint: torch's weights-only unpickler rejected it; it is corrupt, or a "
+            "pickle of Python objects (--unsafe-pickle loads those; only for a file you trust)")
+    detail = str(err).strip().split(". ")[0].splitlines()[0][:160] if str(err).strip() else ""
+    kind = type(err).__name__
+    return CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({kind}{': ' if detail else ''}"
+                           f"{detail})")
+
+
+def _restore_shared(path: Path, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Add back the tied-weight names that ``safetensors.torch.save_model`` dropped.
+
+    It stores each dropped name in the metadata, mapped to the name of the tensor kept.
+    """
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    aliases = {name: state_dict[kept] for name, kept in metadata.items() if kept in state_dict}
+    return {**state_dict, **aliases}
+
+
+def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file, on the CPU, with DDP/compile prefixes removed.
+
+    ``torch.load`` runs with ``weights_only=True`` unless ``unsafe_pickle=True`` (which
+    warns: unpickling a file can execute any code in it). Unreadable, unsafe or
+    non-state-dict files raise ``CheckpointError`` naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if unsafe_pickle:
+        warnings.warn(f"unsafe pickle: loading {path} with weights_only=False runs any code the file contains; "
+                      "use this only for files you trust", stacklevel=2)
+    try:  # an untrusted file can fail in any way; each failure becomes one clear message
+        state_dict = load_state_dict(str(path), use_ema=True, weights_only=not unsafe_pickle)
+        if path.suffix == ".safetensors":
+            state_dict = _restore_shared(path, state_dict)
+    except Exception as err:
+        raise _read_error(path, err, unsafe_pickle) from err
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise CheckpointError(f"{path}: holds no state dict (found {type(state_dict).__name__})")
+    others = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise CheckpointError(f"{path}: holds no state dict: {len(others)} entries are not tensors "
+                              f"({_few(others)}); expected tensors, or one of the keys state_dict, model, "
+                              "state_dict_ema, model_ema")
+    return dict(state_dict)
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or ()
+    return tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+
+
+def _architecture(model: nn.Module) -> str:
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+
+def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state_dict`` into ``model`` strictly, or explain in one line why it does not fit.
+
+    The message names missing and unexpected keys and shape mismatches (a few of each),
+    says when the file looks like another architecture, and when only the classifier
+    differs, which ``num_classes`` would fit.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
+    if not (missing or unexpected or mismatched):
+        model.load_state_dict(state_dict)
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    if mismatched:
+        shapes = [f"{k}: file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}" for k in mismatched]
+        problems.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
+    message = f"{source} does not fit {_architecture(model)}: " + "; ".join(problems)
+    matching = len(expected) - len(missing) - len(mismatched)
+    if matching < len(expected) / 2:
+        message += f"; only {matching} of {len(expected)} tensors match: a checkpoint for another architecture?"
+    heads = _classifier_prefixes(model)
+    if heads and mismatched and not (missing or unexpected) and all(k.startswith(heads) for k in mismatched):
+        classes = state_dict[mismatched[0]].shape[0]
+        message += f"; only the classifier differs: the file has {classes} classes (--num-classes {classes})"
+    raise CheckpointError(message)
+
+
+# --- making models -------------------------------------------------------------------
+
+
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` with one-line errors; unknown names get suggestions."""
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as err:
+        raise CheckpointError(f"{name}: no such file or folder, and not a timm model name ({err})") from err
+    if source is None:
+        architecture = split_model_name_tag(model_id)[0]
+        if not timm.is_model(architecture):
+            close = difflib.get_close_matches(architecture, timm.list_models(), n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+            raise CheckpointError(f"unknown timm model {architecture!r}{hint}")
+    try:  # model constructors reject bad arguments and unreachable weights in many ways
+        return timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as err:
+        raise CheckpointError(f"cannot create {name}: {err}") from err
+
+
+def _local_path(source: str | os.PathLike) -> Path | None:
+    """The existing file or folder that ``source`` names (a path or ``local-dir:PATH``), else None."""
+    text = os.fspath(source)
+    path = Path(text.removeprefix("local-dir:"))
+    return path if path.exists() else None
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    unsafe_pickle: bool = False,
+    **create_kwargs: Any,
+) -> nn.Module:
+    """The model a user names: a file or folder written by ``save`` (rebuilt converted), a
+    timm/Hugging Face folder (its weights loaded), or any name ``timm.create_model``
+    accepts (``create_kwargs`` such as ``num_classes`` or ``pretrained`` go to it).
+
+    ``checkpoint`` is a weights file in any timm format, loaded strictly on top.
+    """
+    path = _local_path(source)
+    if path is None and Path(source).suffix in _WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{source}: no such file")
+    config = _config_or_none(path) if path is not None else None
+    if config is not None:
+        if create_kwargs:
+            raise CheckpointError(f"{source} is an icrewrite checkpoint, rebuilt from its own config: "
+                                  f"{', '.join(create_kwargs)} cannot be changed")
+        model = load(path)
+    elif path is not None and path.is_file():
+        raise CheckpointError(f"{source} is a weights file without an architecture: name the timm model and pass "
+                              f"the file as the checkpoint, e.g. `icrewrite convert resnet50 --checkpoint {source}`")
+    elif path is not None:
+        model = create_timm_model(f"local-dir:{path}", **{"pretrained": True, **create_kwargs})
+    else:
+        model = create_timm_model(os.fspath(source), **create_kwargs)
+    if checkpoint is not None:
+        fit_state_dict(model, read_state_dict(checkpoint, unsafe_pickle=unsafe_pickle), source=os.fspath(checkpoint))
+    return model
+
+
+# --- saving and rebuilding -----------------------------------------------------------
+
+
+def _seeded_batch(shape: list[int], seed: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    """A seeded standard-normal batch at the model's input size (from timm's data config)."""
+    input_size = list(resolve_model_data_config(model)["input_size"])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return _seeded_batch([batch_size, *input_size], seed, device)
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Evenly spaced values of the eval-mode output on ``x``: a fingerprint of the function."""
+    was_training = model.training
+    model.eval()
+    try:
+        flat = torch.cat([t.float().flatten() for t in output_tensors(model(x))]).cpu()
+    finally:
+        model.train(was_training)
+    index = torch.linspace(0, flat.numel() - 1, min(_PROBE_VALUES, flat.numel())).long()
+    return flat[index].tolist()
+
+
+def _timm_config(model: nn.Module) -> dict[str, Any]:
+    """timm's ``config.json`` for ``model`` (timm only writes it to a file, so read that back)."""
+    if not isinstance(getattr(model, "pretrained_cfg", None), Mapping):
+        raise CheckpointError(f"cannot save {type(model).__name__}: only models made by timm.create_model can be "
+                              "rebuilt from a file (they record their architecture and arguments)")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            save_config_for_hf(model, Path(folder) / CONFIG_NAME)
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"cannot save {_architecture(model)}: {err}") from err
+        return json.loads((Path(folder) / CONFIG_NAME).read_text())
+
+
+def _config(model: nn.Module, parity: Report | None) -> dict[str, Any]:
+    config = _timm_config(model)
+    x = example_input(model, batch_size=1)
+    config["icrewrite"] = {
+        "version": __version__,
+        "options": options_of(model),
+        "parity": None if parity is None else parity.to_dict(),
+        "probe": {"input_size": list(x.shape[1:]), "seed": 0, "values": _probe(model, x)},
+    }
+    return config
+
+
+def _files(path: Path) -> tuple[Path, Path | None]:
+    """``(weights file, config.json or None)`` that ``save`` writes for ``path``."""
+    if path.suffix == ".safetensors":
+        return path, None
+    return path / WEIGHTS_NAME, path / CONFIG_NAME
+
+
+def refuse_overwrite(path: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` if ``save(..., path)`` would replace an existing file."""
+    existing = [str(f) for f in _files(Path(path)) if f is not None and f.exists()]
+    if existing:
+        raise CheckpointError(f"output exists: {_few(existing)}; pass --force (force=True) to overwrite it")
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = None, force: bool = False) -> Path:
+    """Write ``model`` (a timm model, converted or not) so that ``load(path)`` rebuilds it.
+
+    ``path`` ending in ``.safetensors`` is one file; any other path is a folder in the
+    Hugging Face/timm layout. ``parity`` (from ``icrewrite.verify``) is recorded as a
+    summary. Each file is written to a temporary name and renamed, weights before
+    config; an existing file is only replaced with ``force=True``. Tied weights are
+    stored once (``safetensors.torch.save_model``).
+    """
+    path = Path(path)
+    weights, config_file = _files(path)
+    if not force:
+        refuse_overwrite(path)
+    config = _config(model, parity)
+    text = json.dumps(config, indent=2)
+    with atomic_path(weights) as tmp:
+        safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(config)})
+    if config_file is not None:
+        with atomic_path(config_file) as tmp:
+            tmp.write_text(text + "\n")
+    return path
+
+
+def _config_or_none(path: Path) -> dict[str, Any] | None:
+    """The icrewrite config of a file or folder, None if it was not written by ``save``."""
+    file = path / CONFIG_NAME if path.is_dir() else path
+    try:
+        if path.is_dir():
+            config = json.loads(file.read_text()) if file.is_file() else {}
+        elif path.suffix == ".safetensors":
+            with safetensors.safe_open(str(file), "pt") as f:
+                config = json.loads((f.metadata() or {}).get(_METADATA_KEY, "{}"))
+        else:
+            return None
+    except (OSError, ValueError, safetensors.SafetensorError) as err:
+        raise _read_error(file, err, unsafe_pickle=False) from err
+    return config if isinstance(config, dict) and "icrewrite" in config else None
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config ``save`` wrote: timm's ``config.json`` fields plus the ``icrewrite`` section."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    config = _config_or_none(path)
+    if config is None:
+        raise CheckpointError(f"{path}: not written by icrewrite (no icrewrite config); a plain weights file goes "
+                              "with the timm model name: `icrewrite convert MODEL --checkpoint FILE`")
+    return config
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild the model ``save`` wrote, in eval mode: the timm architecture from the recorded
+    arguments, converted with the recorded options, then the weights loaded strictly."""
+    path = Path(path)
+    config = read_config(path)
+    model = create_timm_model(config["architecture"], pretrained=False,
+                              pretrained_cfg_overlay=config.get("pretrained_cfg"), **config.get("model_args", {}))
+    options = config["icrewrite"]["options"]
+    if options is not None:
+        model = convert(model, inplace=True, **options)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    fit_state_dict(model, read_state_dict(weights), source=str(weights))
+    return model.eval()
+
+
+def check(path: str | os.PathLike) -> tuple[nn.Module, float]:
+    """Rebuild ``path`` and compare its output with the probe recorded at save time.
+
+    Returns the model and the max abs error relative to max |recorded output|; above
+    ``icrewrite.verify.TOLERANCE`` the file no longer computes what was saved.
+    """
+    model = load(path)
+    probe = read_config(path)["icrewrite"]["probe"]
+    x = _seeded_batch([1, *probe["input_size"]], probe["seed"], next(model.parameters()).device)
+    expected = torch.tensor(probe["values"])
+    actual = torch.tensor(_probe(model, x))
+    if actual.shape != expected.shape:
+        return model, float("inf")
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    return model, error / scale if scale > 0 else error
+

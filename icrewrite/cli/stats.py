@@ -1,0 +1,82 @@
+"""``icrewrite stats MODEL --data DATA``: how dependent the inputs of weight layers are, before and after IC."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from timm.data import resolve_model_data_config
+
+from .. import convert
+from ..data import DIGITS, make_loader
+from ..errors import ICRewriteError
+from ..independence import MAX_BINS, stats
+from ..layers import ICWeightLayer
+from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
+
+DIGITS_IMG_SIZE = 64  # 8x8 digits upscaled; 64 leaves 2x2 positions per image at a ResNet's last stage
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    parser = add_command(
+        subparsers, "stats",
+        summary="measure correlation and mutual information at the IC sites",
+        description="Run a few batches of DATA through MODEL in train mode (no weight or statistics change) and "
+                    "measure, between pairs of features, the mean |Pearson r| and the mutual information at the "
+                    "input and the output of every IC block, next to the theoretical ratios (q = 1 - p for the "
+                    "correlation of zero-mean features, q^2 for mutual information). A model without IC blocks is "
+                    "measured at the input of every weight layer. With --compare-original, MODEL is an original "
+                    "model: it is converted with the conversion options and both are measured at the same "
+                    "positions. See docs/independence.md for the estimators and their error.",
+        example="icrewrite stats resnet18 --data digits --compare-original --png stats.png",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--data", default=DIGITS, metavar="DATA",
+                        help="'digits' (embedded, default), an ImageFolder directory or a timm dataset NAME:ROOT")
+    parser.add_argument("--img-size", type=_positive, metavar="PIXELS",
+                        help=f"image size (default: {DIGITS_IMG_SIZE} for digits, else the model's input size)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="images per batch (default 32)")
+    parser.add_argument("--batches", type=_positive, default=4, help="batches to measure (default 4)")
+    parser.add_argument("--pairs", type=_positive, default=120, help="feature pairs per site (default 120)")
+    parser.add_argument("--samples", type=_positive, default=4096,
+                        help="positions per batch and site, drawn at random (default 4096)")
+    parser.add_argument("--bins", type=_positive, default=MAX_BINS,
+                        help=f"most quantile bins per feature for mutual information (default {MAX_BINS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches, pairs, positions and dropout masks")
+    parser.add_argument("--png", metavar="PATH", help="also write per-layer bar charts to PATH")
+    parser.add_argument("--compare-original", action="store_true",
+                        help="convert MODEL (with the conversion options) and measure the original alongside")
+    add_conversion_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = model_from_args(args)
+    converted = any(isinstance(m, ICWeightLayer) for m in model.modules())
+    original = None
+    if args.compare_original:
+        if converted:
+            raise ICRewriteError(f"--compare-original converts MODEL, but {args.model} is already converted: "
+                                 "name the original model (a timm name, with --checkpoint) instead")
+        progress("converting")
+        original, model = model, convert(model, **conversion_options(args))
+    elif not converted:
+        progress(f"{args.model} has no IC blocks: measuring the inputs of its weight layers "
+                 "(--compare-original converts it and measures both)")
+    config = resolve_model_data_config(model)
+    img_size = args.img_size or (DIGITS_IMG_SIZE if args.data == DIGITS else config["input_size"][-1])
+    loader = make_loader(args.data, "train", args.batch_size, img_size, augment=False,
+                         mean=tuple(config["mean"]), std=tuple(config["std"]), seed=args.seed)
+    report = stats(model, loader, original=original, max_batches=args.batches, max_pairs=args.pairs,
+                   max_samples=args.samples, max_bins=args.bins, seed=args.seed, progress=True)
+    print(report)
+    if args.png:
+        report.write_png(args.png)
+        print(f"wrote {args.png}")
+    return 0

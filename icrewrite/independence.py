@@ -1,0 +1,505 @@
+"""Measure how dependent the inputs of weight layers are, before and after an IC block.
+
+Chen et al. (arXiv 1905.05928) show that Dropout with keep probability ``q = 1 - p``
+scales the correlation of two zero-mean neurons by ``q`` and their mutual information by
+``q**2``. :func:`stats` checks this on a real model and real batches: at every IC site it
+measures feature pairs of the IC input and of the IC output, and optionally the input of
+the same weight layer in the original model, so a user sees before and after.
+
+Estimators (``docs/independence.md`` has their measured error):
+
+* correlation: mean ``|Pearson r|`` over feature pairs, pooled over batches from
+  within-batch centred sums, so that a per-batch, per-feature affine map (train-mode
+  BatchNorm) leaves it unchanged and the IC output differs from the IC input only by the
+  Dropout masks;
+* mutual information: plug-in estimate on a joint histogram with Miller-Madow bias
+  correction, in nats. Each batch is binned on its own (quantile bins), and values that
+  carry probability mass of their own get their own bin: exact zeros (Dropout's and
+  ReLU's) and the smallest heavily repeated nonzero value (ReLU's zero after BatchNorm).
+  A Gaussian-assumption estimator would be wrong here (a Dropout output is a mixture
+  with an atom at 0), and so would a histogram that lets the atom share a bin with
+  nearby values; with the atom in a bin of its own, the ``q**2`` law holds exactly for
+  the binned variables too.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from os import PathLike
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from .errors import ICRewriteError
+from .files import atomic_path
+from .layers import IC, ICWeightLayer, is_weight_layer, weight_layer_features
+
+__all__ = ["stats", "StatsReport", "SiteStats", "PairStatistics", "sample_features", "bin_codes", "site_bins"]
+
+MAX_BINS = 16
+SAMPLES_PER_BIN = 64  # per batch; fewer make per-batch quantile bins too noisy (docs/independence.md)
+
+
+def sample_features(num_features: int, max_pairs: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` feature indices drawn at random (sorted), ``k`` the largest number whose
+    ``k (k - 1) / 2`` pairs fit in ``max_pairs`` (16 features for 120 pairs).
+
+    Measuring all pairs among them gives every pair the same chance to be measured, so
+    their mean estimates the mean over all pairs, and only ``k`` features are binned.
+    """
+    k = min(num_features, int((1 + math.sqrt(1 + 8 * max_pairs)) / 2))
+    return torch.randperm(num_features, generator=generator)[:k].sort().values
+
+
+def site_bins(samples_per_batch: int, max_bins: int = MAX_BINS) -> int:
+    """Quantile bins for a site: one per ``SAMPLES_PER_BIN`` samples of a batch, 2 to ``max_bins``."""
+    return max(2, min(max_bins, samples_per_batch // SAMPLES_PER_BIN))
+
+
+def bin_codes(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Histogram bin of every sample, per feature: ``values`` ``(F, S)`` -> codes in
+    ``[0, 3 * bins + 1)``.
+
+    Exact zeros get code ``bins``. Every other value that repeats with at least half a
+    bin's mass is an atom (ReLU's zero after BatchNorm, a constant image background) and
+    gets a code of its own from ``bins + 1`` on. The remaining, continuous values fall
+    in ``bins`` equal-frequency bins by rank. Codes depend only on the order of the
+    values, so any increasing per-feature map of the batch leaves them unchanged, and an
+    atom never shares a bin with nearby values.
+    """
+    zero = values == 0
+    ordered, order = values.masked_fill(zero, math.nan).sort(dim=1)  # zeros (as NaN) last
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # NaN != NaN: zeros never form a run
+    run = starts.cumsum(1) - 1
+    run_length = torch.zeros_like(run).scatter_add_(1, run, torch.ones_like(run)).gather(1, run)
+    atom = run_length >= max(2, math.ceil(values.shape[1] / (2 * bins)))
+    continuous = ~atom & ~ordered.isnan()
+    rank = continuous.cumsum(1) - 1
+    quantile_bin = rank * bins // continuous.sum(1, keepdim=True).clamp(min=1)
+    atom_code = bins + (starts & atom).cumsum(1)
+    ordered_codes = torch.where(atom, atom_code, torch.where(continuous, quantile_bin, bins))
+    return torch.empty_like(ordered_codes).scatter_(1, order, ordered_codes)
+
+
+def _entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Miller-Madow corrected entropy (nats) of each row of histogram ``counts``."""
+    total = counts.sum(1)
+    probs = counts / total[:, None]
+    plug_in = -torch.special.xlogy(probs, probs).sum(1)
+    return plug_in + ((counts > 0).sum(1) - 1) / (2 * total)
+
+
+class PairStatistics:
+    """Pearson correlation and mutual information of every pair of ``num_features``
+    features, fed batch by batch.
+
+    ``update`` takes one batch as ``(num_features, samples)``. Correlation is pooled from
+    within-batch centred sums; mutual information comes from the joint histograms of
+    :func:`bin_codes` with ``bins`` quantile bins, accumulated over batches.
+    ``pairs`` ``(P, 2)`` lists the pairs in the order of the results.
+    """
+
+    def __init__(self, num_features: int, bins: int = MAX_BINS) -> None:
+        self.pairs = torch.triu_indices(num_features, num_features, 1).T
+        self.bins = bins
+        self.samples = 0
+        self._side = 3 * bins + 1  # codes per feature: see bin_codes
+        self._offsets = torch.arange(len(self.pairs), dtype=torch.int32)[:, None] * self._side**2
+        self._moments = torch.zeros(3, len(self.pairs), dtype=torch.float64)
+        self._joint = torch.zeros(len(self.pairs), self._side**2, dtype=torch.int64)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Add a batch of samples, ``values`` of shape ``(num_features, samples)``."""
+        values = values.detach().to("cpu", torch.float32)
+        first, second = self.pairs.T
+        centred = values - values.mean(1, keepdim=True)
+        products = (centred @ centred.T).double()
+        self._moments += torch.stack([products[first, second], products[first, first], products[second, second]])
+        codes = bin_codes(values, self.bins).int()
+        joint = (codes * self._side)[first].add_(codes[second]).add_(self._offsets)
+        self._joint += torch.bincount(joint.flatten(), minlength=self._joint.numel()).view_as(self._joint)
+        self.samples += values.shape[1]
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson r per pair; NaN where a feature is constant within every batch."""
+        cross, first, second = self._moments
+        return cross / (first * second).sqrt()
+
+    def mutual_information(self) -> torch.Tensor:
+        """Mutual information per pair in nats (Miller-Madow corrected, may dip slightly below 0)."""
+        joint = self._joint.double()
+        grid = joint.view(len(joint), self._side, self._side)
+        return _entropy(grid.sum(2)) + _entropy(grid.sum(1)) - _entropy(joint)
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """Dependence between feature pairs at one weight layer's input.
+
+    ``corr_*`` is the mean ``|Pearson r|`` and ``mi_*`` the mean mutual information
+    (nats) over the pairs in which no feature is constant: ``*_in`` at the layer's input
+    (the IC block's input, if there is one), ``*_out`` at the IC block's output (``None``
+    without IC). ``expected_corr_ratio`` is what theory predicts for ``corr_out /
+    corr_in``: ``q`` for a zero-mean IC output, less when the IC's BatchNorm shift
+    ``beta`` is not 0 (see ``docs/independence.md``).
+    """
+
+    name: str
+    features: int
+    pairs: int
+    samples: int
+    bins: int
+    corr_in: float
+    mi_in: float
+    p: float | None = None
+    corr_out: float | None = None
+    mi_out: float | None = None
+    expected_corr_ratio: float | None = None
+
+    @property
+    def q(self) -> float | None:
+        """Keep probability of the IC block's Dropout."""
+        return None if self.p is None else 1.0 - self.p
+
+    @property
+    def corr_ratio(self) -> float | None:
+        return None if self.corr_out is None else self.corr_out / self.corr_in
+
+    @property
+    def mi_ratio(self) -> float | None:
+        return None if self.mi_out is None else self.mi_out / self.mi_in
+
+    @property
+    def expected_mi_ratio(self) -> float | None:
+        """``q**2``: exact for the mutual information of independent masks, whatever the means."""
+        return None if self.q is None else self.q**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "corr_ratio": self.corr_ratio, "mi_ratio": self.mi_ratio, "expected_mi_ratio": self.expected_mi_ratio}
+
+
+def _feature_matrix(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """``(features, samples)`` view of a weight-layer input: features are dim 1 for
+    convolutions ``(N, C, *)`` and the last dim for ``Linear`` ``(*, C)``."""
+    if feature_dim == 1:
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    return x.reshape(-1, x.shape[-1]).T
+
+
+def _correlation_shrink(ic: nn.Module) -> torch.Tensor:
+    """Per feature ``1 / sqrt(1 + p beta^2 / gamma^2)``: with ``z = BN(x)`` of batch mean
+    ``beta`` and variance ``gamma^2``, ``corr(drop(z_i), drop(z_j)) = q corr(z_i, z_j)``
+    times this factor of ``i`` and of ``j``."""
+    norm = ic.norm
+    shift = torch.zeros(ic.num_features) if norm.bias is None else norm.bias.detach().float().cpu()
+    scale = torch.ones(ic.num_features) if norm.weight is None else norm.weight.detach().float().cpu()
+    return (1 + ic.p * (shift / scale) ** 2).rsqrt()
+
+
+class _Site:
+    """Accumulators for one measured position and the hook that feeds them.
+
+    ``module`` is an IC block (its input and output are measured) or a weight layer of an
+    unconverted model (its input is measured).
+    """
+
+    def __init__(self, name: str, module: nn.Module, *, max_pairs: int, max_bins: int, max_samples: int, seed: int) -> None:
+        self.name, self.module = name, module
+        self.ic = module if isinstance(module, IC) else None
+        if self.ic is not None:
+            self.num_features, self.feature_dim = self.ic.num_features, self.ic.feature_dim
+        else:
+            self.num_features, self.feature_dim = weight_layer_features(module)
+        generator = torch.Generator().manual_seed(seed)
+        self.features = sample_features(self.num_features, max_pairs, generator)
+        self.generator = generator
+        self.max_bins, self.max_samples = max_bins, max_samples
+        self.inputs: PairStatistics | None = None
+        self.outputs: PairStatistics | None = None
+
+    def attach(self) -> RemovableHandle:
+        if self.ic is None:
+            return self.module.register_forward_pre_hook(lambda _module, args: self.record(args[0], None))
+        return self.module.register_forward_hook(lambda _module, args, output: self.record(args[0], output))
+
+    def _matrix(self, x: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        matrix = _feature_matrix(x.index_select(self.feature_dim, self.features.to(x.device)), self.feature_dim)
+        return matrix if columns is None else matrix[:, columns]
+
+    def record(self, x_in: torch.Tensor, x_out: torch.Tensor | None) -> None:
+        """Add the chosen features at up to ``max_samples`` random positions (the same for input and output)."""
+        samples = x_in.numel() // x_in.shape[self.feature_dim]
+        columns = None
+        if samples > self.max_samples:
+            columns = torch.randperm(samples, generator=self.generator)[: self.max_samples].to(x_in.device)
+        if self.inputs is None:
+            bins = site_bins(min(samples, self.max_samples), self.max_bins)
+            self.inputs = PairStatistics(len(self.features), bins)
+            self.outputs = None if self.ic is None else PairStatistics(len(self.features), bins)
+        self.inputs.update(self._matrix(x_in, columns))
+        if self.outputs is not None:
+            self.outputs.update(self._matrix(x_out, columns))
+
+    def result(self) -> SiteStats:
+        """Means over the pairs that are defined (no constant feature) on both sides."""
+        assert self.inputs is not None, "a site records at least one batch"
+        corr_in = self.inputs.correlation()
+        valid = corr_in.isfinite()
+        if self.outputs is not None:
+            corr_out, mi_out = self.outputs.correlation(), self.outputs.mutual_information()
+            valid &= corr_out.isfinite()
+        abs_in = corr_in.abs()[valid]
+        common = dict(name=self.name, features=self.num_features, pairs=int(valid.sum()), samples=self.inputs.samples, bins=self.inputs.bins, corr_in=abs_in.mean().item(), mi_in=self.inputs.mutual_information()[valid].mean().item())
+        if self.ic is None:
+            return SiteStats(**common)
+        shrink = _correlation_shrink(self.ic)[self.features][self.inputs.pairs].prod(1)[valid].double()
+        return SiteStats(
+            **common,
+            p=self.ic.p,
+            corr_out=corr_out.abs()[valid].mean().item(),
+            mi_out=mi_out[valid].mean().item(),
+            expected_corr_ratio=(1 - self.ic.p) * ((shrink * abs_in).sum() / abs_in.sum()).item(),
+        )
+
+
+def _make_sites(model: nn.Module, names: Iterable[str] | None, **options: Any) -> list[_Site]:
+    """The IC blocks of a converted model, or else its weight layers (only ``names`` if given).
+
+    Features are drawn from ``(number of features, seed)`` alone, so the same position
+    in an original and a converted model is measured on the same pairs.
+    """
+    converted = any(isinstance(m, ICWeightLayer) for m in model.modules())
+    wanted = None if names is None else set(names)
+    sites = []
+    for name, module in model.named_modules():
+        if wanted is not None and name not in wanted:
+            continue
+        if converted and isinstance(module, ICWeightLayer):
+            sites.append(_Site(name, module.ic, **options))
+        elif not converted and is_weight_layer(module):
+            sites.append(_Site(name, module, **options))
+    return sites
+
+
+@contextlib.contextmanager
+def _train_mode_without_updates(model: nn.Module) -> Iterator[None]:
+    """Train mode without side effects: buffers (BatchNorm running statistics) and each
+    module's training flag are restored afterwards, gradients are off."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the global RNG (Dropout masks) for the block and give the caller's state back."""
+    accelerators = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else None):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batch_input(batch: Any) -> torch.Tensor:
+    """The model input of a loader batch: the batch itself or the first item of ``(input, target)``."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _measure(model: nn.Module, batches: Sequence[torch.Tensor], names: Iterable[str] | None, *, seed: int, progress: bool, **options: Any) -> list[SiteStats]:
+    """Run ``batches`` through ``model`` in train mode with hooks at every site."""
+    sites = _make_sites(model, names, seed=seed, **options)
+    if not sites:
+        where = "no weight layer" if names is None else "no weight layer at the IC sites of the converted model"
+        raise ICRewriteError(f"{type(model).__name__} has {where} to measure")
+    handles = [site.attach() for site in sites]
+    parameter = next(model.parameters())
+    try:
+        with _train_mode_without_updates(model), _seeded_rng(parameter.device, seed):
+            for batch in tqdm(batches, desc=f"stats {type(model).__name__}", unit="batch", disable=not progress, leave=False):
+                model(batch.to(parameter.device, parameter.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [site.result() for site in sites]
+
+
+def stats(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    original: nn.Module | None = None,
+    max_batches: int = 4,
+    max_pairs: int = 120,
+    max_samples: int = 4096,
+    max_bins: int = MAX_BINS,
+    seed: int = 0,
+    progress: bool = False,
+) -> StatsReport:
+    """Measure feature dependence at every IC site of ``model``, in train mode.
+
+    At each converted weight layer, the input and the output of its IC block are measured
+    on up to ``max_pairs`` feature pairs and ``max_samples`` positions per batch, over the
+    first ``max_batches`` batches of ``loader`` (tensors or ``(input, target)`` pairs). A
+    model without IC blocks is measured at the input of every weight layer. ``original``,
+    the unconverted model, is measured on the same batches at the same positions. The
+    models do not change: gradients are off and buffers are restored. ``seed`` fixes the
+    features, the positions and the Dropout masks.
+    """
+    batches = [_batch_input(batch) for batch in itertools.islice(loader, max_batches)]
+    if not batches:
+        raise ICRewriteError("the data loader yielded no batches")
+    options = dict(max_pairs=max_pairs, max_bins=max_bins, max_samples=max_samples, seed=seed, progress=progress)
+    sites = _measure(model, batches, None, **options)
+    before = None if original is None else _measure(original, batches, [s.name for s in sites], **options)
+    return StatsReport(sites=sites, original=before, batches=len(batches))
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+ESTIMATOR = (
+    "|r|: mean |Pearson r| over feature pairs, within-batch centred. MI: nats, joint histogram of "
+    "per-batch quantile bins + a zero bin + an atom bin, Miller-Madow corrected."
+)
+
+
+@dataclass(frozen=True)
+class StatsReport:
+    """Per-site dependence measures: ``print(report)`` is a table, ``to_dict()`` JSON-ready,
+    ``write_png(path)`` a bar chart. ``original`` holds the unconverted model's sites."""
+
+    sites: Sequence[SiteStats]
+    original: Sequence[SiteStats] | None
+    batches: int
+
+    @property
+    def converted(self) -> bool:
+        return any(s.p is not None for s in self.sites)
+
+    def original_at(self, name: str) -> SiteStats | None:
+        """The original model's measurement at position ``name``, if any."""
+        return next((s for s in self.original or () if s.name == name), None)
+
+    def summary(self) -> dict[str, float]:
+        """Means over IC sites of the measured and the expected output/input ratios."""
+        ic = [s for s in self.sites if s.p is not None and s.pairs]
+        if not ic:
+            return {}
+        return {
+            "corr_ratio": _mean(s.corr_ratio for s in ic),
+            "expected_corr_ratio": _mean(s.expected_corr_ratio for s in ic),
+            "mi_ratio": _mean(s.mi_ratio for s in ic),
+            "expected_mi_ratio": _mean(s.expected_mi_ratio for s in ic),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "estimator": ESTIMATOR,
+            "sites": [s.to_dict() for s in self.sites],
+            "original": None if self.original is None else [s.to_dict() for s in self.original],
+            "summary": self.summary(),
+        }
+
+    def _columns(self) -> list[tuple[str, Any]]:
+        """``(header, cell(site, original_site))`` for each table column present."""
+        columns: list[tuple[str, Any]] = [
+            ("layer", lambda s, o: s.name),
+            ("C", lambda s, o: str(s.features)),
+            ("pairs", lambda s, o: str(s.pairs)),
+            ("samples", lambda s, o: str(s.samples)),
+            ("bins", lambda s, o: str(s.bins)),
+        ]
+        for key, digits, expected in (("corr", 3, "expected_corr_ratio"), ("mi", 4, "expected_mi_ratio")):
+            label = "|r|" if key == "corr" else "MI"
+            if self.original is not None:
+                columns.append((f"{label} orig", lambda s, o, k=f"{key}_in", d=digits: _fmt(o and getattr(o, k), d)))
+            columns.append((f"{label} in", lambda s, o, k=f"{key}_in", d=digits: _fmt(getattr(s, k), d)))
+            if self.converted:
+                columns += [
+                    (f"{label} out", lambda s, o, k=f"{key}_out", d=digits: _fmt(getattr(s, k), d)),
+                    ("out/in", lambda s, o, k=f"{key}_ratio": _fmt(getattr(s, k))),
+                    ("theory", lambda s, o, k=expected: _fmt(getattr(s, k))),
+                ]
+        return columns
+
+    def __str__(self) -> str:
+        columns = self._columns()
+        rows = [[header for header, _ in columns]]
+        rows += [[cell(s, self.original_at(s.name)) for _, cell in columns] for s in self.sites]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        if self.converted:
+            title = "Feature dependence at IC sites: in = IC block input, out = IC block output"
+        else:
+            title = "Feature dependence at weight-layer inputs (no IC blocks)"
+        if self.original is not None:
+            title += "; orig = the same layer's input in the original model"
+        footer = [f"{len(self.sites)} sites, {self.batches} batches, train mode. {ESTIMATOR}"]
+        summary = self.summary()
+        if summary:
+            footer.append(
+                f"mean over IC sites: |r| out/in {summary['corr_ratio']:.3f} (theory {summary['expected_corr_ratio']:.3f}), "
+                f"MI out/in {summary['mi_ratio']:.3f} (theory q^2 = {summary['expected_mi_ratio']:.3f})"
+            )
+        return "\n".join([title, *lines, *footer])
+
+    def write_png(self, path: str | PathLike) -> None:
+        """Per-site bars of mean |r| and mutual information (original, IC input, IC output);
+        black ticks mark what theory predicts for the IC output."""
+        names = [s.name for s in self.sites]
+        fig = Figure(figsize=(max(6.0, 0.3 * len(names) + 2), 7))
+        axes = fig.subplots(2, 1, sharex=True)
+        for ax, key, label in ((axes[0], "corr", "mean |Pearson r|"), (axes[1], "mi", "mutual information (nats)")):
+            series = self._bar_series(key)
+            width = 0.8 / len(series)
+            for k, (legend, values) in enumerate(series):
+                offset = (k - (len(series) - 1) / 2) * width
+                ax.bar([i + offset for i in range(len(names))], values, width, label=legend)
+            if self.converted:
+                ratio = "expected_corr_ratio" if key == "corr" else "expected_mi_ratio"
+                theory = [math.nan if s.p is None else getattr(s, ratio) * getattr(s, f"{key}_in") for s in self.sites]
+                ax.scatter(range(len(names)), theory, marker="_", color="black", s=150, zorder=3, label="theory for IC out")
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize="small")
+        axes[1].set_xticks(range(len(names)), names, rotation=90, fontsize="small")
+        fig.suptitle("Feature dependence at weight-layer inputs")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+
+    def _bar_series(self, key: str) -> list[tuple[str, list[float]]]:
+        """``(legend, values per site)`` for the bars of ``key`` ("corr" or "mi"), NaN where missing."""
+
+        def values(sites: Iterable[SiteStats | None], field: str) -> list[float]:
+            return [math.nan if s is None or getattr(s, field) is None else getattr(s, field) for s in sites]
+
+        series = []
+        if self.original is not None:
+            series.append(("original", values((self.original_at(s.name) for s in self.sites), f"{key}_in")))
+        series.append(("IC in" if self.converted else "input", values(self.sites, f"{key}_in")))
+        if self.converted:
+            series.append(("IC out", values(self.sites, f"{key}_out")))
+        return series

@@ -1,0 +1,67 @@
+"""PNG plots of training runs: loss and accuracy per epoch.
+
+Uses matplotlib's object API (``Figure``, rendered by Agg), not ``pyplot``: no global
+state, no display needed, safe in worker processes and on headless machines.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .files import atomic_path
+
+__all__ = ["plot_history", "plot_mean_std"]
+
+Record = Mapping[str, float]
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)
+
+
+def plot_history(runs: Mapping[str, Sequence[Record]], path: str | os.PathLike) -> Path:
+    """Loss (left) and accuracy (right) per epoch, one colour per run.
+
+    ``runs`` maps a run's label to its per-epoch records (``epoch``, ``train_loss``,
+    ``val_loss``, ``train_acc``, ``val_acc``, as in ``metrics.jsonl``); training curves
+    are dashed, validation curves solid.
+    """
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for colour, (label, records) in enumerate(runs.items()):
+        epochs = [r["epoch"] for r in records]
+        for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
+            ax.plot(epochs, [r[f"train_{metric}"] for r in records], f"C{colour}--", label=f"{label} train")
+            ax.plot(epochs, [r[f"val_{metric}"] for r in records], f"C{colour}-", label=f"{label} validation")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_mean_std(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike) -> Path:
+    """Mean +/- standard deviation bands over seeds, one panel per metric.
+
+    ``curves[metric][label]`` is an array of shape ``(seeds, epochs)``.
+    """
+    fig = Figure(figsize=(5 * len(curves), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(curves)))
+    for ax, (metric, by_label) in zip(axes, curves.items()):
+        for colour, (label, values) in enumerate(by_label.items()):
+            epochs = np.arange(1, values.shape[1] + 1)
+            mean, std = values.mean(axis=0), values.std(axis=0)
+            ax.plot(epochs, mean, f"C{colour}-", label=label)
+            ax.fill_between(epochs, mean - std, mean + std, color=f"C{colour}", alpha=0.2)
+        ax.set(xlabel="epoch", title=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)

@@ -1,0 +1,268 @@
+"""The core contract: plan, convert and verify on hand-built patterns, generated nets and timm models."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch import nn
+
+import icrewrite
+from icrewrite.init_stats import activation_moments
+from icrewrite.layers import IC, ICWeightLayer
+from icrewrite.testing import check_conversion, randomize_norms
+
+from generated import networks
+from nets import PATTERNS
+
+TIMM_MODELS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "densenet121", "regnetx_002",
+               "convnext_atto", "vit_tiny_patch16_224"]
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    if name.startswith("vit"):
+        kwargs.setdefault("img_size", 32)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+# --- the IC block -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,feature_dim", [((6, 5, 4, 4), 1), ((6, 5, 7), 1), ((6, 5, 4, 4, 3), 1),
+                                               ((6, 7, 5), -1), ((6, 5), -1)])
+def test_ic_normalises_the_feature_dim(shape, feature_dim):
+    ic = IC(5, p=0.0, feature_dim=feature_dim).train()
+    x = torch.randn(shape) * 3 + 2
+    y = ic(x)
+    flat = (y.transpose(1, -1) if feature_dim == 1 else y).reshape(-1, 5)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.var(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+
+
+def test_ic_eval_is_its_affine_map_and_set_identity_is_identity():
+    ic = IC(5, p=0.3, feature_dim=-1)
+    randomize_norms(ic, seed=3)
+    ic.eval()
+    x = torch.randn(4, 3, 5)
+    scale, shift = ic.affine()
+    torch.testing.assert_close(ic(x), x * scale + shift)
+    ic.set_identity(torch.rand(5), torch.rand(5) + 0.5)
+    torch.testing.assert_close(ic(x), x)
+
+
+def test_ic_dropout_zeroes_a_fraction_p_in_training():
+    ic = IC(64, p=0.5).train()
+    y = ic(torch.randn(32, 64, 8, 8))
+    assert 0.45 < (y == 0).float().mean().item() < 0.55
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_ic_rejects_invalid_p(p):
+    with pytest.raises(ValueError, match="dropout probability"):
+        IC(4, p=p)
+
+
+def test_data_free_moments_match_monte_carlo():
+    mean, std = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([1.0, 0.5, 2.0])
+    z = torch.randn(400_000, 3) * std + mean
+    for act in (nn.ReLU(), nn.SiLU(), nn.GELU()):
+        m, v = activation_moments(act, mean, std)
+        torch.testing.assert_close(m, act(z).mean(0), atol=0.01, rtol=0.02)
+        torch.testing.assert_close(v, act(z).var(0), atol=0.01, rtol=0.03)
+
+
+# --- hand-built patterns ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_pattern_converts_correctly(name):
+    result = check_conversion(PATTERNS[name](), torch.randn(8, 3, 16, 16))
+    assert result.ok, result.failures
+
+
+def _actions(plan) -> dict[str, str]:
+    return {e.target: e.action for e in plan.edits}
+
+
+def test_residual_block_becomes_relu_ic_conv():
+    plan = icrewrite.plan(PATTERNS["residual"]())
+    assert _actions(plan) == {"stem.1": "fold-norm", "bn1": "fold-norm", "conv1": "insert-ic",
+                              "conv2": "insert-ic", "fc": "insert-ic"}
+    converted = icrewrite.convert(PATTERNS["residual"]())
+    assert isinstance(converted.bn1, nn.Identity) and isinstance(converted.bn2, nn.BatchNorm2d)
+    assert isinstance(converted.conv2, ICWeightLayer) and converted.conv1.bias is not None
+
+
+def test_batchnorm_with_a_second_consumer_is_kept_and_said_so():
+    plan = icrewrite.plan(PATTERNS["fused_norm_act"]())
+    assert _actions(plan)["bn_act"] == "replace-norm-act"
+    kept = {n.target: n.reason for n in plan.notes}
+    assert "other consumers" in kept["bn_shared"]
+    converted = icrewrite.convert(PATTERNS["fused_norm_act"]())
+    assert isinstance(converted.bn_act, nn.SiLU) and isinstance(converted.bn_shared, nn.BatchNorm2d)
+
+
+def test_preactivation_norms_on_a_concat_are_kept():
+    kept = {n.target: n.reason for n in icrewrite.plan(PATTERNS["dense"]()).notes}
+    assert "output of stem has other consumers" in kept["norm1"]  # stem also feeds the concat
+    assert "not produced by a weight layer" in kept["norm2"]  # its input is the concat
+
+
+def test_linear_on_tokens_gets_last_dim_ic_and_two_consumers_get_one_each():
+    converted = icrewrite.convert(PATTERNS["tokens"]())
+    assert converted.q.ic.feature_dim == -1 and converted.q.ic is not converted.k.ic
+    assert isinstance(converted.bn, nn.Identity)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks())
+def test_generated_networks_convert_correctly(net):
+    result = check_conversion(net, torch.randn(8, 3, 8, 8))
+    assert result.ok, result.failures
+
+
+# --- timm models -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_model_converts_correctly(name):
+    result = check_conversion(timm_model(name), torch.randn(4, 3, 32, 32))
+    assert result.ok, result.failures
+    assert result.sites > 10
+
+
+def test_timm_methods_and_names_keep_working():
+    model = randomize_norms(timm_model("resnet18", num_classes=7)).eval()
+    converted = icrewrite.convert(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.forward_head(converted.forward_features(x)), model(x), atol=1e-4, rtol=1e-4)
+    keys = converted.state_dict().keys()
+    cfg = converted.pretrained_cfg
+    assert f"{cfg['first_conv']}.weight" in keys and f"{cfg['classifier']}.weight" in keys
+    assert "layer1.0.conv1.weight" in keys and "layer1.0.conv1.ic.norm.running_mean" in keys
+    converted.reset_classifier(3)
+    assert converted(x).shape == (2, 3)
+
+
+def test_features_only_model_converts():
+    model = randomize_norms(timm_model("resnet18", features_only=True, out_indices=(2, 4))).eval()
+    result = icrewrite.verify(model, icrewrite.convert(model), torch.randn(2, 3, 32, 32))
+    assert result.ok and result.param_delta > 0
+
+
+def test_plan_and_convert_on_meta_device():
+    with torch.device("meta"):
+        model = timm_model("resnet50")
+    plan = icrewrite.plan(model)
+    converted = icrewrite.convert(model)
+    assert plan.count("insert-ic") == 53 and plan.count("fold-norm") + plan.count("replace-norm-act") == 33
+    assert all(p.is_meta for p in converted.parameters())
+    assert sum(p.numel() for p in converted.parameters()) == plan.params_after
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_is_kept(dtype):
+    model = randomize_norms(PATTERNS["chain"]()).to(dtype).eval()
+    converted = icrewrite.convert(model)
+    assert {p.dtype for p in converted.parameters()} == {dtype}
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    tolerance = 1e-10 if dtype == torch.float64 else 0.05
+    assert icrewrite.verify(model, converted, x).max_rel_error < tolerance
+
+
+# --- options -----------------------------------------------------------------------------------
+
+def test_stem_head_and_exclude_options():
+    model = timm_model("resnet18")
+    sites = lambda **kw: {e.target for e in icrewrite.plan(model, **kw).edits if e.action == "insert-ic"}
+    default = sites()
+    assert "conv1" not in default and "fc" in default
+    assert sites(stem=True) == default | {"conv1"}
+    assert sites(head=False) == default - {"fc"}
+    assert sites(exclude=["layer4*"]) == {s for s in default if not s.startswith("layer4")}
+
+
+def test_convert_is_a_copy_unless_inplace():
+    model = PATTERNS["chain"]()
+    assert icrewrite.convert(model) is not model and not isinstance(model.fc, ICWeightLayer)
+    assert icrewrite.convert(model, inplace=True) is model and isinstance(model.fc, ICWeightLayer)
+
+
+def test_converting_twice_changes_nothing_and_partial_is_an_error():
+    model = randomize_norms(timm_model("resnet18")).eval()
+    once = icrewrite.convert(model)
+    twice = icrewrite.convert(once)
+    assert twice.state_dict().keys() == once.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(once.state_dict().values(), twice.state_dict().values()))
+    assert icrewrite.plan(once).present and not icrewrite.plan(once).edits
+    partial = icrewrite.convert(model, head=False)
+    with pytest.raises(icrewrite.ConversionError, match="partially converted"):
+        icrewrite.convert(partial)
+
+
+@pytest.mark.parametrize("options,match", [(dict(p=1.5), "p must be"), (dict(init="zeros"), "init must"),
+                                           (dict(layout="conv-ic"), "layout must")])
+def test_invalid_options_are_clear_errors(options, match):
+    with pytest.raises(icrewrite.ConversionError, match=match):
+        icrewrite.convert(PATTERNS["chain"](), **options)
+
+
+def test_calibration_sets_ic_statistics_to_the_measured_input_statistics():
+    model = randomize_norms(PATTERNS["chain"]()).eval()
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(3)]
+    converted = icrewrite.convert(model, calibration=batches)
+    seen = {}
+    handle = model.body[1][0].register_forward_pre_hook(lambda m, a: seen.setdefault("x", []).append(a[0]))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    handle.remove()
+    x = torch.cat(seen["x"]).transpose(0, 1).reshape(16, -1).double()
+    ic = converted.body[1][0].ic
+    torch.testing.assert_close(ic.norm.running_mean, x.mean(1).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ic.norm.running_var, x.var(1, unbiased=False).float(), atol=1e-4, rtol=1e-3)
+    assert icrewrite.verify(model, converted, batches[0]).ok
+
+
+def test_fresh_init_uses_standard_batchnorm_initialisation():
+    converted = icrewrite.convert(randomize_norms(PATTERNS["chain"]()), init="fresh")
+    norm = converted.fc.ic.norm
+    assert torch.equal(norm.weight, torch.ones(16)) and torch.equal(norm.running_var, torch.ones(16))
+
+
+# --- serialisation and reporting -----------------------------------------------------------------
+
+def test_converted_model_pickles_into_a_fresh_process(tmp_path):
+    model = randomize_norms(PATTERNS["residual"]()).eval()
+    converted = icrewrite.convert(model)
+    x = torch.randn(2, 3, 16, 16)
+    torch.save({"model": converted, "x": x, "y": converted(x)}, tmp_path / "m.pt")
+    code = ("import torch; d = torch.load(r'%s', weights_only=False); m = d['model'];"
+            "assert type(m.conv1).__name__ == 'ICConv2d'; torch.testing.assert_close(m(d['x']), d['y'])")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}  # the test network's module
+    subprocess.run([sys.executable, "-c", code % (tmp_path / "m.pt")], check=True, env=env)
+    clone = copy.deepcopy(converted)
+    assert type(clone.conv1) is type(converted.conv1) and clone.conv1.ic is not converted.conv1.ic
+
+
+def test_plan_is_printable_and_json_serialisable():
+    plan = icrewrite.plan(timm_model("resnet18"))
+    text = str(plan)
+    assert "insert-ic" in text and "layer1.0.conv2" in text and "stem: reads the model input" in text
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["param_delta"] == plan.param_delta == sum(e["param_delta"] for e in data["edits"])
+
+
+def test_verify_reports_exact_parity_and_a_changed_function():
+    model = randomize_norms(timm_model("resnet18")).eval()
+    converted = icrewrite.convert(model)
+    report = icrewrite.verify(model, converted, torch.randn(2, 3, 32, 32))
+    assert report.params_after - report.params_before == icrewrite.plan(model).param_delta
+    assert report.ok and "function preserved" in str(report)
+    with torch.no_grad():
+        converted.fc.weight.mul_(1.1)
+    assert not icrewrite.verify(model, converted, torch.randn(2, 3, 32, 32)).ok

@@ -1,0 +1,158 @@
+"""The embedded digits set, ImageFolder/timm specs, and the resumable sampling order."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, Dataset
+
+from icrewrite.data import (DataError, DigitsDataset, EpochSampler, SeededDataset, digits_loaders, make_dataset,
+                            make_loader, num_classes, resumable_loader)
+
+
+def write_digits_folder(root: Path, per_class: int = 6, classes: int = 3) -> Path:
+    """An ImageFolder of real digit images: ``root/<digit>/<n>.png``, 8x8 upscaled to 24x24."""
+    digits = load_digits()
+    for label in range(classes):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, image in enumerate(digits.images[digits.target == label][:per_class]):
+            pixels = (image * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels).resize((24, 24)).convert("RGB").save(folder / f"{n}.png")
+    return root
+
+
+def test_digits_split_is_fixed_disjoint_and_complete() -> None:
+    train, test = DigitsDataset("train", 16), DigitsDataset("test", 16)
+    assert len(train) + len(test) == 1797
+    assert len(test) == pytest.approx(0.2 * 1797, abs=1)
+    # Fixed: a second construction yields the same images in the same order.
+    assert torch.equal(DigitsDataset("train", 16).images, train.images)
+    # Disjoint and complete: every original image appears exactly once across the two splits.
+    rows = {tuple(img.flatten().tolist()) for img in torch.cat([train.images, test.images])}
+    assert len(rows) == len({tuple(img.flatten()) for img in load_digits().images})
+    # Stratified: each class keeps its share in the test split.
+    counts = torch.bincount(test.targets, minlength=10)
+    assert counts.min() >= 30
+
+
+def test_digits_samples_are_normalised_3_channel_images() -> None:
+    train = DigitsDataset("train", 32)
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and isinstance(label, int) and 0 <= label < 10
+    assert torch.equal(image[0], image[2])
+    assert train.images.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert train.images.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_digits_loaders_give_batches_of_the_asked_shape() -> None:
+    train, test = digits_loaders(batch_size=50, img_size=16)
+    images, labels = next(iter(train))
+    assert images.shape == (50, 3, 16, 16) and labels.shape == (50,)
+    assert train.drop_last and not test.drop_last
+    assert sum(len(y) for _, y in test) == len(test.dataset)
+    assert num_classes(train.dataset) == 10
+
+
+def test_folder_without_splits_is_held_out(tmp_path: Path) -> None:
+    root = write_digits_folder(tmp_path / "imgs", per_class=10, classes=3)
+    train = make_dataset(str(root), "train", img_size=16)
+    val = make_dataset(str(root), "validation", img_size=16)
+    assert len(train) + len(val) == 30 and len(val) == 6
+    assert set(train.indices).isdisjoint(val.indices)
+    assert num_classes(train) == 3
+    image, label = val[0]
+    assert image.shape == (3, 16, 16) and label in (0, 1, 2)
+
+
+def test_folder_with_split_folders_uses_them(tmp_path: Path) -> None:
+    write_digits_folder(tmp_path / "train", per_class=4, classes=2)
+    write_digits_folder(tmp_path / "val", per_class=2, classes=2)
+    assert len(make_dataset(str(tmp_path), "train")) == 8
+    loader = make_loader(str(tmp_path), "val", batch_size=4, img_size=16)
+    assert len(loader.dataset) == 4 and not loader.drop_last
+
+
+@pytest.mark.parametrize("spec", ["no-such-dir", "torch/cifar10:/no/such/root"])
+def test_unknown_data_is_a_user_error(spec: str) -> None:
+    with pytest.raises(DataError):
+        make_dataset(spec, "train")
+
+
+def test_unknown_split_is_a_user_error() -> None:
+    with pytest.raises(DataError, match="unknown split"):
+        make_dataset("digits", "holdout")
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only() -> None:
+    sampler = EpochSampler(20, shuffle=True, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    again = EpochSampler(20, shuffle=True, seed=3)
+    again.set_epoch(1)
+    assert list(again) == first
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    assert sorted(index for _, index in first) == list(range(20))
+    assert {epoch for epoch, _ in first} == {1}
+
+
+def test_epoch_sampler_skip_resumes_mid_epoch() -> None:
+    sampler = EpochSampler(20, shuffle=True, seed=0)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, skip=7)
+    assert list(sampler) == full[7:] and len(sampler) == 13
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_epoch_sampler_shards_partition_the_data(even: bool) -> None:
+    shards = [EpochSampler(11, shuffle=True, seed=1, rank=r, world_size=3, even=even) for r in range(3)]
+    indices = [[i for _, i in shard] for shard in shards]
+    flat = [i for shard in indices for i in shard]
+    assert len(flat) == len(set(flat))
+    assert [len(s) for s in shards] == [len(i) for i in indices]
+    if even:
+        assert {len(i) for i in indices} == {3}
+    else:
+        assert sorted(flat) == list(range(11))
+
+
+class RandomCrops(Dataset):
+    """A dataset whose samples draw from every global RNG, as random augmentations do."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        noise = torch.rand(2) + random.random() + np.random.rand()
+        return noise + index, index % 3
+
+
+def test_seeded_dataset_fixes_each_sample_and_restores_global_rng() -> None:
+    data = SeededDataset(RandomCrops(), seed=5)
+    torch.manual_seed(1)
+    expected_next = torch.rand(1)
+    torch.manual_seed(1)
+    first = data[(0, 3)][0]
+    data[(0, 4)]
+    assert torch.equal(data[(0, 3)][0], first)
+    assert not torch.equal(data[(1, 3)][0], first)
+    assert torch.equal(torch.rand(1), expected_next)
+
+
+def test_resumable_loader_does_not_depend_on_workers_or_resume_point() -> None:
+    def batches(workers: int, skip_batches: int = 0) -> list[torch.Tensor]:
+        loader = resumable_loader(DataLoader(RandomCrops(), batch_size=4, num_workers=workers), shuffle=True, seed=0)
+        loader.sampler.set_epoch(2, skip=skip_batches * 4)
+        return [x for x, _ in loader]
+
+    reference = batches(workers=0)
+    assert len(reference) == 3
+    for got in (batches(workers=2), [*reference[:1], *batches(workers=2, skip_batches=1)]):
+        assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))

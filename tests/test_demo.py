@@ -1,0 +1,51 @@
+"""``icrewrite demo --quick`` end to end, and the side-by-side comparison it is built on."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import icrewrite
+from icrewrite.data import DigitsDataset
+from icrewrite.demo import QUICK, run_demo
+from icrewrite.errors import ICRewriteError
+from icrewrite.layers import ICWeightLayer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "icrewrite.cli", "demo", "--quick", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.strip()}
+    assert {"original", "IC"} <= rows.keys()
+    assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
+
+    # The two runs trained different networks: the IC one has an IC block before its weight layers.
+    original = icrewrite.load(tmp_path / "original" / "last.safetensors")
+    ic = icrewrite.load(tmp_path / "ic" / "last.safetensors")
+    assert not any(isinstance(m, ICWeightLayer) for m in original.modules())
+    assert any(isinstance(m, ICWeightLayer) for m in ic.modules())
+
+    # The ONNX file computes what the trained IC model computes, on real digits.
+    images = torch.stack([DigitsDataset("test", QUICK.img_size)[i][0] for i in range(8)])
+    session = onnxruntime.InferenceSession(str(tmp_path / "ic.onnx"))
+    (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        torch_logits = ic(images).numpy()
+    np.testing.assert_allclose(onnx_logits, torch_logits, rtol=1e-4, atol=1e-4 * np.abs(torch_logits).max())
+
+
+def test_demo_refuses_a_folder_in_use(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ICRewriteError, match="not empty"):
+        run_demo(tmp_path, QUICK)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
