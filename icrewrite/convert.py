@@ -1,13 +1,12 @@
 """``convert``: apply a plan to a model (fold, replace, attach IC blocks) and initialise it.
 
-Like ``torch.fx.experimental.optimization.fuse``, it works on a deep copy unless
-``inplace=True``. The model keeps its class and every weight layer its name; a BatchNorm
+Like ``torch.fx.experimental.optimization.fuse``, it works on a deep copy
+(``clone_module``) unless ``inplace=True``. The model keeps its class and every weight layer its name; a BatchNorm
 that is removed becomes ``nn.Identity`` (or its activation, for fused norm+act modules),
 so module paths stay valid for timm's ``feature_info`` and ``pretrained_cfg``.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,9 +14,11 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from .clone import clone_module
 from .errors import ConversionError
 from .init_stats import activation_moments, calibrate
 from .layers import IC, attach_ic
+from .layouts import branch_end_module
 from .plan import Edit, Options, Plan, plan
 
 __all__ = ["convert", "apply", "fold_bn_into"]
@@ -43,6 +44,7 @@ def fold_bn_into(layer: nn.Module, norm: nn.Module) -> None:
     else:
         transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
         weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, *args, transpose=transpose)
+    bias.requires_grad_(weight.requires_grad)  # a bias created from BatchNorm buffers would not train
     layer.weight, layer.bias = weight, bias
 
 
@@ -75,6 +77,12 @@ def _data_free_stats(model: nn.Module, the_plan: Plan) -> dict[str, tuple[torch.
     return stats
 
 
+def _module_device(model: nn.Module, target: str) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU when it has none)."""
+    tensors = [*model.get_submodule(target).parameters(), *model.get_submodule(target).buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
 def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
     """Make the edits of ``the_plan`` on ``model`` in place."""
     opts = the_plan.options
@@ -84,6 +92,13 @@ def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
             norm = model.get_submodule(edit.target)
             fold_bn_into(model.get_submodule(edit.into), norm)
             replace_module(model, edit.target, _norm_replacement(norm, edit))
+    for edit in the_plan.edits:
+        if edit.action == "move-act":
+            act = model.get_submodule(edit.target)
+            replace_module(model, edit.target, nn.Identity())
+            after = next((e for e in the_plan.edits if e.action == "insert-ic-after" and e.target == edit.into), None)
+            ic = IC(after.features, opts.p, device=_module_device(model, edit.into)) if after else None
+            replace_module(model, edit.into, branch_end_module(model.get_submodule(edit.into), act, ic))
     for edit in the_plan.edits:
         if edit.action != "insert-ic":
             continue
@@ -121,6 +136,8 @@ def convert(
     ``init="preserve"``: in eval mode the result computes the same function as ``model``;
     IC statistics come from ``calibration`` batches when given, else are derived data-free
     from the removed BatchNorms. ``init="fresh"``: standard BatchNorm initialisation.
+    ``layout`` picks the paper's residual-unit ordering (``relu-ic-conv``, the default;
+    ``ic-conv-relu`` and ``conv-relu-ic`` need ``init="fresh"``, see ``layouts.py``).
     ``model`` is untouched unless ``inplace=True``. Converting a converted model changes
     nothing; a partially converted one is an error.
     """
@@ -128,7 +145,7 @@ def convert(
                                                                             else exclude), layout=layout)
     if calibration is not None and options.init != "preserve":
         raise ConversionError("calibration sets statistics that preserve the function; it needs init='preserve'")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else clone_module(model)
     the_plan = plan(target, _options=options)
     if the_plan.present and the_plan.count("insert-ic"):
         raise ConversionError(

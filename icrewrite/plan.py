@@ -17,10 +17,11 @@ from torch import nn
 
 from .analyse import Analysis, Layer, NormBeforeAct, analyse
 from .errors import ConversionError
+from .layers import ICWeightLayer
+from .layouts import LAYOUTS, ResidualUnit, residual_units
 
-__all__ = ["Options", "Edit", "Note", "Plan", "plan", "LAYOUTS"]
+__all__ = ["Options", "Edit", "Note", "Plan", "plan"]
 
-LAYOUTS = ("relu-ic-conv",)
 INITS = ("preserve", "fresh")
 
 
@@ -42,6 +43,9 @@ class Options:
             raise ConversionError(f"init must be one of {INITS}, got {self.init!r}")
         if self.layout not in LAYOUTS:
             raise ConversionError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout != LAYOUTS[0] and self.init == "preserve":
+            raise ConversionError(f"layout {self.layout!r} moves a ReLU across the residual add, which changes the "
+                                  "function; use it with init='fresh' (training from scratch)")
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -54,12 +58,12 @@ class Options:
 class Edit:
     """One change to the model. ``param_delta`` is exact: ``verify`` measures the same."""
 
-    action: str  # "insert-ic" | "fold-norm" | "replace-norm-act"
+    action: str  # "insert-ic" | "fold-norm" | "replace-norm-act" | "move-act" | "insert-ic-after"
     target: str  # module name
     features: int
     param_delta: int
     detail: str
-    into: str | None = None  # fold edits: the weight layer that absorbs the BatchNorm
+    into: str | None = None  # fold edits: the weight layer that absorbs the BatchNorm; move-act: the new place
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,11 +101,12 @@ class Plan:
     def summary(self) -> str:
         folded = self.count("fold-norm") + self.count("replace-norm-act")
         pct = 100.0 * self.param_delta / max(self.params_before, 1)
-        line = (f"{self.model}: {self.count('insert-ic')} IC blocks to insert, {folded} BatchNorms to fold, "
-                f"{len(self.notes)} notes; parameters {self.params_before:,} -> {self.params_after:,} "
+        inserts = self.count("insert-ic") + self.count("insert-ic-after")
+        line = (f"{self.model}: {_n(inserts, 'IC block')} to insert, {_n(folded, 'BatchNorm')} to "
+                f"fold, {_n(len(self.notes), 'note')}; parameters {self.params_before:,} -> {self.params_after:,} "
                 f"({self.param_delta:+,}, {pct:+.2f}%)")
         if self.present:
-            line += f"; {len(self.present)} weight layers already have IC blocks"
+            line += f"; {_n(len(self.present), 'weight layer')} already with IC blocks"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +130,10 @@ class Plan:
         for row in [header, *rows]:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
         return "\n".join(line.rstrip() for line in lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _classifier_names(model: nn.Module) -> set[str]:
@@ -184,13 +193,17 @@ def plan(model: nn.Module, **options: Any) -> Plan:
     (``p``, ``init``, ``stem``, ``head``, ``exclude``, ``layout``).
     """
     opts = options.pop("_options", None) or Options(**options)
-    analysis = analyse(model)
     result = Plan(
         model=(getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__,
         options=opts,
         params_before=sum(p.numel() for p in model.parameters()),
-        analysis=analysis,
     )
+    recorded = getattr(model, "icrewrite_options", None)
+    if recorded is not None:  # converted by icrewrite: converting again changes nothing
+        result.present = [n for n, m in model.named_modules() if isinstance(m, ICWeightLayer)]
+        result.notes.append(Note("<model>", f"already converted by icrewrite with {recorded}; nothing to do"))
+        return result
+    result.analysis = analysis = analyse(model)
     heads = _classifier_names(model)
     for norm in analysis.norms:
         if norm.foldable:
@@ -211,6 +224,26 @@ def plan(model: nn.Module, **options: Any) -> Plan:
                 source += "; not seen in any trace"
             result.edits.append(Edit("insert-ic", layer.name, layer.features, 2 * layer.features,
                                      f"over {where}, {source}"))
+    if opts.layout != LAYOUTS[0]:
+        _plan_layout(result, [u for scope in analysis.scopes for u in residual_units(scope)])
     for where, message in analysis.notes:
         result.notes.append(Note(where, message))
     return result
+
+
+def _plan_layout(result: Plan, units: list[ResidualUnit]) -> None:
+    """Edits that move each unit's last activation into its branch (see ``layouts.py``)."""
+    layout = result.options.layout
+    if not units:
+        raise ConversionError(f"layout {layout!r} applies to residual units act(branch + shortcut); "
+                              f"{result.model} has none")
+    entry = {name for u in units for name in u.entry_layers} if layout == "conv-relu-ic" else set()
+    result.edits[:] = [e for e in result.edits if not (e.action == "insert-ic" and e.target in entry)]
+    result.notes.extend(Note(name, f"layout {layout}: reads the unit input, the IC sits at the end of the "
+                                   "previous unit") for name in sorted(entry))
+    for u in units:
+        result.edits.append(Edit("move-act", u.act, u.features, 0, f"moved before the add, after {u.branch_end}",
+                                 u.branch_end))
+        if layout == "conv-relu-ic":
+            result.edits.append(Edit("insert-ic-after", u.branch_end, u.features, 2 * u.features,
+                                     "IC at the end of the branch, after the moved activation"))

@@ -116,7 +116,7 @@ def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **opti
     - with ``init="fresh", p=0`` every non-stem weight layer sees per-feature mean ~0 and
       variance ~1 in train mode, and with ``p=0.5`` about half of its input is exactly zero
       (measured on what the weights are applied to, not on names);
-    - backward reaches every parameter that the original model's backward reaches.
+    - backward reaches every trainable parameter (but those the original's backward misses too).
     """
     from .convert import convert
     from .plan import plan
@@ -141,7 +141,9 @@ def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **opti
         fail(f"eval output changed: relative error {report.max_rel_error:.3g}")
     if report.param_delta != the_plan.param_delta:
         fail(f"plan predicted {the_plan.param_delta:+} parameters, measured {report.param_delta:+}")
+    record = converted.__dict__.pop("icrewrite_options")  # plan the structure again, not the record
     again = plan(converted, **options)
+    converted.icrewrite_options = record
     if again.edits:
         fail(f"converting twice would make {len(again.edits)} more edits, e.g. {again.edits[0]}")
 
@@ -173,8 +175,10 @@ def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **opti
         sum(t.float().sum() for t in output_tensors(m(x))).backward()
         return {n for n, p in m.named_parameters() if p.grad is not None}
 
-    names = {n for n, _ in converted.named_parameters()}
-    missing = ((grads(model) & names) | {n for n in names if ".ic." in n}) - grads(converted)
+    untrained = {n for n, p in model.named_parameters() if p.requires_grad} - grads(model)
+    original = {n for n, _ in model.named_parameters()}
+    trainable = {n for n, p in converted.named_parameters() if p.requires_grad or n not in original}
+    missing = trainable - untrained - grads(converted)
     model.eval()
     if missing:
         fail(f"backward does not reach {len(missing)} parameters, e.g. {sorted(missing)[:3]}")

@@ -15,7 +15,7 @@ from torch import nn
 
 import icrewrite
 from icrewrite.init_stats import activation_moments
-from icrewrite.layers import IC, ICWeightLayer
+from icrewrite.layers import IC, ICWeightLayer, attach_ic
 from icrewrite.testing import check_conversion, randomize_norms
 
 from generated import networks
@@ -199,13 +199,15 @@ def test_converting_twice_changes_nothing_and_partial_is_an_error():
     assert twice.state_dict().keys() == once.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(once.state_dict().values(), twice.state_dict().values()))
     assert icrewrite.plan(once).present and not icrewrite.plan(once).edits
-    partial = icrewrite.convert(model, head=False)
+    partial = copy.deepcopy(model)
+    attach_ic(partial.layer1[0].conv1, IC(64))  # IC blocks that icrewrite did not put there
     with pytest.raises(icrewrite.ConversionError, match="partially converted"):
         icrewrite.convert(partial)
 
 
 @pytest.mark.parametrize("options,match", [(dict(p=1.5), "p must be"), (dict(init="zeros"), "init must"),
-                                           (dict(layout="conv-ic"), "layout must")])
+                                           (dict(layout="conv-ic"), "layout must"),
+                                           (dict(layout="ic-conv-relu"), "changes the function")])
 def test_invalid_options_are_clear_errors(options, match):
     with pytest.raises(icrewrite.ConversionError, match=match):
         icrewrite.convert(PATTERNS["chain"](), **options)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ICRewriteError
+from ..layouts import LAYOUTS
 
 __all__ = [
     "main",
@@ -86,11 +87,15 @@ def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-head", dest="head", action="store_false", help="no IC block before the classifier")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                        help="leave layers matching this fnmatch pattern or module prefix alone (repeatable)")
+    group.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0],
+                       help="residual-unit ordering from the paper (default relu-ic-conv; the others move the "
+                            "unit's last ReLU before the add and need --init fresh)")
 
 
 def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``icrewrite.plan``/``icrewrite.convert`` from the parsed options."""
-    return {"p": args.p, "init": args.init, "stem": args.stem, "head": args.head, "exclude": tuple(args.exclude)}
+    return {"p": args.p, "init": args.init, "stem": args.stem, "head": args.head, "exclude": tuple(args.exclude),
+            "layout": args.layout}
 
 
 def build_parser() -> argparse.ArgumentParser:
