@@ -14,20 +14,21 @@ Estimators (``docs/independence.md`` has their measured error):
   Dropout masks;
 * mutual information: plug-in estimate on a joint histogram with Miller-Madow bias
   correction, in nats. Each batch is binned on its own (quantile bins), and values that
-  carry probability mass of their own get their own bin: exact zeros (Dropout's and
-  ReLU's) and the smallest heavily repeated nonzero value (ReLU's zero after BatchNorm).
-  A Gaussian-assumption estimator would be wrong here (a Dropout output is a mixture
-  with an atom at 0), and so would a histogram that lets the atom share a bin with
-  nearby values; with the atom in a bin of its own, the ``q**2`` law holds exactly for
-  the binned variables too.
+  carry probability mass of their own get bins of their own: exact zeros (Dropout's and
+  ReLU's) and every heavily repeated value (ReLU's zero after BatchNorm, a constant
+  image background). A Gaussian-assumption estimator would be wrong here (a Dropout
+  output is a mixture with an atom at 0), and so would a histogram that lets an atom
+  share a bin with nearby values; with atoms in bins of their own, the ``q**2`` law
+  holds exactly for the binned variables too.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
+import statistics
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from os import PathLike
 from typing import Any
 
@@ -41,10 +42,24 @@ from .errors import ICRewriteError
 from .files import atomic_path
 from .layers import IC, ICWeightLayer, is_weight_layer, weight_layer_features
 
-__all__ = ["stats", "StatsReport", "SiteStats", "PairStatistics", "sample_features", "bin_codes", "site_bins"]
+__all__ = [
+    "stats",
+    "StatsReport",
+    "SiteStats",
+    "PairStatistics",
+    "has_ic_blocks",
+    "sample_features",
+    "bin_codes",
+    "site_bins",
+]
 
+MAX_BATCHES = 4
+MAX_PAIRS = 120  # all pairs among 16 features
+MAX_SAMPLES = 2048  # positions per batch and site
 MAX_BINS = 16
 SAMPLES_PER_BIN = 64  # per batch; fewer make per-batch quantile bins too noisy (docs/independence.md)
+CORR_RESOLUTION = 5.0  # a ratio is compared with theory when both measures are this many noise sd
+MI_RESOLUTION = 10.0
 
 
 def sample_features(num_features: int, max_pairs: int, generator: torch.Generator) -> torch.Tensor:
@@ -139,8 +154,24 @@ class PairStatistics:
         grid = joint.view(len(joint), self._side, self._side)
         return _entropy(grid.sum(2)) + _entropy(grid.sum(1)) - _entropy(joint)
 
+    def mutual_information_noise(self) -> torch.Tensor:
+        """Standard deviation of the estimate per pair if the two features were independent:
+        ``sqrt(2 df) / (2 N)``, since ``2 N`` times the plug-in estimate is then about
+        chi-square with ``df = (kx - 1)(ky - 1)`` degrees of freedom (``k`` occupied bins)."""
+        grid = self._joint.view(len(self._joint), self._side, self._side)
+        df = ((grid.sum(2) > 0).sum(1) - 1) * ((grid.sum(1) > 0).sum(1) - 1)
+        return (2.0 * df).sqrt() / (2 * self.samples)
 
-@dataclass(frozen=True)
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
 class SiteStats:
     """Dependence between feature pairs at one weight layer's input.
 
@@ -149,7 +180,8 @@ class SiteStats:
     (the IC block's input, if there is one), ``*_out`` at the IC block's output (``None``
     without IC). ``expected_corr_ratio`` is what theory predicts for ``corr_out /
     corr_in``: ``q`` for a zero-mean IC output, less when the IC's BatchNorm shift
-    ``beta`` is not 0 (see ``docs/independence.md``).
+    ``beta`` is not 0 (see ``docs/independence.md``). ``*_noise`` is the standard
+    deviation of one pair's estimate for independent features at this sample size.
     """
 
     name: str
@@ -159,6 +191,8 @@ class SiteStats:
     bins: int
     corr_in: float
     mi_in: float
+    corr_noise: float
+    mi_noise: float
     p: float | None = None
     corr_out: float | None = None
     mi_out: float | None = None
@@ -171,19 +205,32 @@ class SiteStats:
 
     @property
     def corr_ratio(self) -> float | None:
-        return None if self.corr_out is None else self.corr_out / self.corr_in
+        return None if self.corr_out is None else _ratio(self.corr_out, self.corr_in)
 
     @property
     def mi_ratio(self) -> float | None:
-        return None if self.mi_out is None else self.mi_out / self.mi_in
+        return None if self.mi_out is None else _ratio(self.mi_out, self.mi_in)
 
     @property
     def expected_mi_ratio(self) -> float | None:
         """``q**2``: exact for the mutual information of independent masks, whatever the means."""
         return None if self.q is None else self.q**2
 
+    @property
+    def corr_resolved(self) -> bool:
+        """Whether ``|r|`` stands at least 5 noise sd above 0 at the input and the output,
+        enough for a ratio within a few percent."""
+        return min(self.corr_in, _or(self.corr_out, self.corr_in)) >= CORR_RESOLUTION * self.corr_noise
+
+    @property
+    def mi_resolved(self) -> bool:
+        """Whether the mutual information stands at least 10 noise sd above 0 at the input and
+        the output, enough for a ratio within about 10% (``docs/independence.md``)."""
+        return min(self.mi_in, _or(self.mi_out, self.mi_in)) >= MI_RESOLUTION * self.mi_noise
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "corr_ratio": self.corr_ratio, "mi_ratio": self.mi_ratio, "expected_mi_ratio": self.expected_mi_ratio}
+        derived = ("corr_ratio", "mi_ratio", "expected_mi_ratio", "corr_resolved", "mi_resolved")
+        return {**dataclasses.asdict(self), **{key: getattr(self, key) for key in derived}}
 
 
 def _feature_matrix(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
@@ -211,7 +258,9 @@ class _Site:
     unconverted model (its input is measured).
     """
 
-    def __init__(self, name: str, module: nn.Module, *, max_pairs: int, max_bins: int, max_samples: int, seed: int) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, *, max_pairs: int, max_bins: int, max_samples: int, seed: int
+    ) -> None:
         self.name, self.module = name, module
         self.ic = module if isinstance(module, IC) else None
         if self.ic is not None:
@@ -249,25 +298,42 @@ class _Site:
             self.outputs.update(self._matrix(x_out, columns))
 
     def result(self) -> SiteStats:
-        """Means over the pairs that are defined (no constant feature) on both sides."""
+        """Means over the pairs defined on both sides (no feature constant within every batch)."""
         assert self.inputs is not None, "a site records at least one batch"
-        corr_in = self.inputs.correlation()
-        valid = corr_in.isfinite()
-        if self.outputs is not None:
-            corr_out, mi_out = self.outputs.correlation(), self.outputs.mutual_information()
-            valid &= corr_out.isfinite()
-        abs_in = corr_in.abs()[valid]
-        common = dict(name=self.name, features=self.num_features, pairs=int(valid.sum()), samples=self.inputs.samples, bins=self.inputs.bins, corr_in=abs_in.mean().item(), mi_in=self.inputs.mutual_information()[valid].mean().item())
-        if self.ic is None:
-            return SiteStats(**common)
+        sides = [self.inputs] if self.outputs is None else [self.inputs, self.outputs]
+        valid = torch.stack([side.correlation().isfinite() for side in sides]).all(0)
+
+        def mean(values: torch.Tensor) -> float:
+            return values[valid].mean().item()
+
+        abs_in = self.inputs.correlation().abs()[valid]
+        mi_noise = torch.stack([side.mutual_information_noise() for side in sides]).amax(0)[valid]
+        measured = SiteStats(
+            name=self.name,
+            features=self.num_features,
+            pairs=int(valid.sum()),
+            samples=self.inputs.samples,
+            bins=self.inputs.bins,
+            corr_in=abs_in.mean().item(),
+            mi_in=mean(self.inputs.mutual_information()),
+            corr_noise=self.inputs.samples**-0.5,
+            mi_noise=mi_noise.median().item() if len(mi_noise) else math.nan,
+        )
+        if self.outputs is None:
+            return measured
         shrink = _correlation_shrink(self.ic)[self.features][self.inputs.pairs].prod(1)[valid].double()
-        return SiteStats(
-            **common,
+        return dataclasses.replace(
+            measured,
             p=self.ic.p,
-            corr_out=corr_out.abs()[valid].mean().item(),
-            mi_out=mi_out[valid].mean().item(),
+            corr_out=mean(self.outputs.correlation().abs()),
+            mi_out=mean(self.outputs.mutual_information()),
             expected_corr_ratio=(1 - self.ic.p) * ((shrink * abs_in).sum() / abs_in.sum()).item(),
         )
+
+
+def has_ic_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` has converted weight layers, measured at their IC blocks by :func:`stats`."""
+    return any(isinstance(m, ICWeightLayer) for m in model.modules())
 
 
 def _make_sites(model: nn.Module, names: Iterable[str] | None, **options: Any) -> list[_Site]:
@@ -276,7 +342,7 @@ def _make_sites(model: nn.Module, names: Iterable[str] | None, **options: Any) -
     Features are drawn from ``(number of features, seed)`` alone, so the same position
     in an original and a converted model is measured on the same pairs.
     """
-    converted = any(isinstance(m, ICWeightLayer) for m in model.modules())
+    converted = has_ic_blocks(model)
     wanted = None if names is None else set(names)
     sites = []
     for name, module in model.named_modules():
@@ -320,7 +386,15 @@ def _batch_input(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _measure(model: nn.Module, batches: Sequence[torch.Tensor], names: Iterable[str] | None, *, seed: int, progress: bool, **options: Any) -> list[SiteStats]:
+def _measure(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    names: Iterable[str] | None,
+    *,
+    seed: int,
+    progress: bool,
+    **options: Any,
+) -> list[SiteStats]:
     """Run ``batches`` through ``model`` in train mode with hooks at every site."""
     sites = _make_sites(model, names, seed=seed, **options)
     if not sites:
@@ -330,12 +404,13 @@ def _measure(model: nn.Module, batches: Sequence[torch.Tensor], names: Iterable[
     parameter = next(model.parameters())
     try:
         with _train_mode_without_updates(model), _seeded_rng(parameter.device, seed):
-            for batch in tqdm(batches, desc=f"stats {type(model).__name__}", unit="batch", disable=not progress, leave=False):
+            bar = tqdm(batches, desc=f"stats {type(model).__name__}", unit="batch", disable=not progress, leave=False)
+            for batch in bar:
                 model(batch.to(parameter.device, parameter.dtype))
     finally:
         for handle in handles:
             handle.remove()
-    return [site.result() for site in sites]
+    return [site.result() for site in sites if site.inputs is not None]  # a layer the forward never called has none
 
 
 def stats(
@@ -343,9 +418,9 @@ def stats(
     loader: Iterable[Any],
     *,
     original: nn.Module | None = None,
-    max_batches: int = 4,
-    max_pairs: int = 120,
-    max_samples: int = 4096,
+    max_batches: int = MAX_BATCHES,
+    max_pairs: int = MAX_PAIRS,
+    max_samples: int = MAX_SAMPLES,
     max_bins: int = MAX_BINS,
     seed: int = 0,
     progress: bool = False,
@@ -373,18 +448,18 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def _fmt_ratio(value: float | None, resolved: bool) -> str:
+    """A ratio, in parentheses when its measures are not resolved above the noise."""
+    return _fmt(value) if resolved or value is None else f"({value:.3f})"
 
 
 ESTIMATOR = (
     "|r|: mean |Pearson r| over feature pairs, within-batch centred. MI: nats, joint histogram of "
-    "per-batch quantile bins + a zero bin + an atom bin, Miller-Madow corrected."
+    "per-batch quantile bins + a bin for zeros + a bin per atom, Miller-Madow corrected."
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StatsReport:
     """Per-site dependence measures: ``print(report)`` is a table, ``to_dict()`` JSON-ready,
     ``write_png(path)`` a bar chart. ``original`` holds the unconverted model's sites."""
@@ -402,16 +477,19 @@ class StatsReport:
         return next((s for s in self.original or () if s.name == name), None)
 
     def summary(self) -> dict[str, float]:
-        """Means over IC sites of the measured and the expected output/input ratios."""
+        """Medians of the measured and the expected output/input ratios over the IC sites
+        whose measures are resolved above the noise (``SiteStats.*_resolved``), and the
+        number of those sites."""
         ic = [s for s in self.sites if s.p is not None and s.pairs]
         if not ic:
             return {}
-        return {
-            "corr_ratio": _mean(s.corr_ratio for s in ic),
-            "expected_corr_ratio": _mean(s.expected_corr_ratio for s in ic),
-            "mi_ratio": _mean(s.mi_ratio for s in ic),
-            "expected_mi_ratio": _mean(s.expected_mi_ratio for s in ic),
-        }
+        result: dict[str, float] = {}
+        for key in ("corr", "mi"):
+            resolved = [s for s in ic if getattr(s, f"{key}_resolved")]
+            result[f"{key}_sites"] = len(resolved)
+            for ratio in (f"{key}_ratio", f"expected_{key}_ratio"):
+                result[ratio] = statistics.median(getattr(s, ratio) for s in resolved) if resolved else math.nan
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -439,7 +517,7 @@ class StatsReport:
             if self.converted:
                 columns += [
                     (f"{label} out", lambda s, o, k=f"{key}_out", d=digits: _fmt(getattr(s, k), d)),
-                    ("out/in", lambda s, o, k=f"{key}_ratio": _fmt(getattr(s, k))),
+                    ("out/in", lambda s, o, k=key: _fmt_ratio(getattr(s, f"{k}_ratio"), getattr(s, f"{k}_resolved"))),
                     ("theory", lambda s, o, k=expected: _fmt(getattr(s, k))),
                 ]
         return columns
@@ -449,7 +527,9 @@ class StatsReport:
         rows = [[header for header, _ in columns]]
         rows += [[cell(s, self.original_at(s.name)) for _, cell in columns] for s in self.sites]
         widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+        ]
         if self.converted:
             title = "Feature dependence at IC sites: in = IC block input, out = IC block output"
         else:
@@ -459,10 +539,14 @@ class StatsReport:
         footer = [f"{len(self.sites)} sites, {self.batches} batches, train mode. {ESTIMATOR}"]
         summary = self.summary()
         if summary:
-            footer.append(
-                f"mean over IC sites: |r| out/in {summary['corr_ratio']:.3f} (theory {summary['expected_corr_ratio']:.3f}), "
-                f"MI out/in {summary['mi_ratio']:.3f} (theory q^2 = {summary['expected_mi_ratio']:.3f})"
-            )
+            footer += [
+                f"(ratio): |r| below {CORR_RESOLUTION:g} or MI below {MI_RESOLUTION:g} times the noise of one pair's "
+                "estimate at this sample size, at input or output: too noisy to compare with theory.",
+                f"median over resolved IC sites: |r| out/in {summary['corr_ratio']:.3f} (theory "
+                f"{summary['expected_corr_ratio']:.3f}, {summary['corr_sites']} sites), MI out/in "
+                f"{summary['mi_ratio']:.3f} (theory q^2 = {summary['expected_mi_ratio']:.3f}, "
+                f"{summary['mi_sites']} sites)",
+            ]
         return "\n".join([title, *lines, *footer])
 
     def write_png(self, path: str | PathLike) -> None:
@@ -480,12 +564,14 @@ class StatsReport:
             if self.converted:
                 ratio = "expected_corr_ratio" if key == "corr" else "expected_mi_ratio"
                 theory = [math.nan if s.p is None else getattr(s, ratio) * getattr(s, f"{key}_in") for s in self.sites]
-                ax.scatter(range(len(names)), theory, marker="_", color="black", s=150, zorder=3, label="theory for IC out")
+                ax.scatter(
+                    range(len(names)), theory, marker="_", color="black", s=150, zorder=3, label="theory for IC out"
+                )
             ax.set_ylabel(label)
             ax.grid(axis="y", alpha=0.3)
             ax.legend(fontsize="small")
         axes[1].set_xticks(range(len(names)), names, rotation=90, fontsize="small")
-        fig.suptitle("Feature dependence at weight-layer inputs")
+        fig.suptitle(f"Feature dependence at {'IC sites' if self.converted else 'weight-layer inputs'}")
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

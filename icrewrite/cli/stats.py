@@ -9,8 +9,7 @@ from timm.data import resolve_model_data_config
 from .. import convert
 from ..data import DIGITS, make_loader
 from ..errors import ICRewriteError
-from ..independence import MAX_BINS, stats
-from ..layers import ICWeightLayer
+from ..independence import MAX_BATCHES, MAX_BINS, MAX_PAIRS, MAX_SAMPLES, has_ic_blocks, stats
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
 
 DIGITS_IMG_SIZE = 64  # 8x8 digits upscaled; 64 leaves 2x2 positions per image at a ResNet's last stage
@@ -42,10 +41,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--img-size", type=_positive, metavar="PIXELS",
                         help=f"image size (default: {DIGITS_IMG_SIZE} for digits, else the model's input size)")
     parser.add_argument("--batch-size", type=_positive, default=32, help="images per batch (default 32)")
-    parser.add_argument("--batches", type=_positive, default=4, help="batches to measure (default 4)")
-    parser.add_argument("--pairs", type=_positive, default=120, help="feature pairs per site (default 120)")
-    parser.add_argument("--samples", type=_positive, default=4096,
-                        help="positions per batch and site, drawn at random (default 4096)")
+    parser.add_argument("--batches", type=_positive, default=MAX_BATCHES,
+                        help=f"batches to measure (default {MAX_BATCHES})")
+    parser.add_argument("--pairs", type=_positive, default=MAX_PAIRS,
+                        help=f"feature pairs per site: all pairs among k random features (default {MAX_PAIRS})")
+    parser.add_argument("--samples", type=_positive, default=MAX_SAMPLES,
+                        help=f"positions per batch and site, drawn at random (default {MAX_SAMPLES})")
     parser.add_argument("--bins", type=_positive, default=MAX_BINS,
                         help=f"most quantile bins per feature for mutual information (default {MAX_BINS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches, pairs, positions and dropout masks")
@@ -58,7 +59,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = model_from_args(args)
-    converted = any(isinstance(m, ICWeightLayer) for m in model.modules())
+    converted = has_ic_blocks(model)
     original = None
     if args.compare_original:
         if converted:
