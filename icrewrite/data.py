@@ -108,16 +108,21 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return next((root / name for name in names if (root / name).is_dir()), None)
 
 
+def _image_folder(root: Path) -> Dataset:
+    try:
+        return create_dataset("", root=str(root), search_split=False)
+    except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
+        raise DataError(f"cannot use {root} as an ImageFolder: {err}") from err
+
+
 def _folder_dataset(root: Path, split: str) -> Dataset:
     """An ImageFolder split: its own sub-folder when there is one, else a fixed hold-out."""
     if any((root / name).is_dir() for name in TRAIN_SPLITS):
         split_root = _split_dir(root, split)
         if split_root is None:
             raise DataError(f"{root} has a training folder but no {split!r} folder ({'/'.join(EVAL_SPLITS)})")
-        return create_dataset("", root=str(split_root), search_split=False)
-    dataset = create_dataset("", root=str(root), search_split=False)
-    if len(dataset) == 0:
-        raise DataError(f"no images in {root}: expected one sub-folder of images per class")
+        return _image_folder(split_root)
+    dataset = _image_folder(root)
     targets = np.array([target for _, target in dataset.reader.samples])
     return Subset(dataset, _holdout(targets, train=is_train_split(split)).tolist())
 

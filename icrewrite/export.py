@@ -1,7 +1,11 @@
 """Export a model (converted or not) to ONNX for deployment, verified in onnxruntime.
 
 The model is exported in eval mode, so no Dropout reaches the graph, after folding each
-IC into the weight layer it feeds where that is exact (:func:`icrewrite.fold.fold_ic`).
+IC into the weight layer it feeds where that is exact at any input size
+(:func:`icrewrite.fold.fold_ic`). An IC before a zero-padded convolution stays one
+per-channel affine op (BatchNormalization) unless ``border_correction=True``: the
+correction is a constant map added after the convolution, which onnxruntime cannot fuse
+and which measured slower on CPU than the affine op (docs/onnx.md).
 Both torch exporters are tried, the ``torch.export``-based one (``dynamo=True``) first:
 the first whose file passes the ONNX checker and matches the PyTorch eval output in
 onnxruntime is written (atomically), and the report says which one and why the other
@@ -76,28 +80,11 @@ class ExportReport:
     def verified(self) -> bool:
         return bool(self.parity) and all(p.ok for p in self.parity)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "exporter": self.exporter,
-            "opset": self.opset,
-            "input_size": list(self.input_size),
-            "dynamic_batch": self.dynamic_batch,
-            "fold": self.fold.to_dict() if self.fold else None,
-            "parity": [
-                {"batch_size": p.batch_size, "max_abs_error": p.max_abs_error, "tolerance": p.tolerance}
-                for p in self.parity
-            ],
-            "rejected": dict(self.rejected),
-            "metadata": dict(self.metadata),
-        }
-
     def __str__(self) -> str:
         batch = "dynamic batch" if self.dynamic_batch else "batch 1"
         size = "x".join(map(str, self.input_size))
         lines = [f"wrote {self.path} with the {self.exporter} exporter (opset {self.opset}), input {size}, {batch}"]
-        lines.append(f"folding: {self.fold.summary()}" if self.fold else "folding: off")
-        lines += [f"  kept {name}: {reason}" for name, reason in (self.fold.kept.items() if self.fold else ())]
+        lines.append(f"folding: {self.fold}" if self.fold else "folding: off")
         if self.parity:
             lines.append("verified: onnx checker (full), no Dropout, onnxruntime " + "; ".join(map(str, self.parity)))
         else:
@@ -114,6 +101,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int | None = None,
     fold: bool = True,
+    border_correction: bool = False,
     verify: bool = True,
     exporters: Sequence[Exporter] = EXPORTERS,
     force: bool = True,
@@ -127,6 +115,8 @@ def export_onnx(
         dynamic_batch: make the batch dimension dynamic (else the graph takes batch 1).
         opset: ONNX opset; None lets each exporter use its default.
         fold: fold ICs into the weight layers they feed (see :func:`icrewrite.fold.fold_ic`).
+        border_correction: also fold ICs before zero-padded convolutions, adding a constant
+            border map that is exact at ``input_size`` (the graph's size) only.
         verify: run ``onnx.checker`` (full check), look for Dropout nodes and compare
             onnxruntime with PyTorch on random inputs (batches 1 and 4 when dynamic).
         exporters: exporters to try, in order; the first that succeeds is used.
@@ -142,16 +132,18 @@ def export_onnx(
     batches = (1, 4) if dynamic_batch else (1,)
     inputs = [_random_input(batch, input_size) for batch in batches]
     expected = [_run_torch(deployed, x) for x in inputs] if verify else []
-    fold_report = fold_ic(deployed, input_size=input_size, inplace=True)[1] if fold else None
+    fold_size = input_size if border_correction else None
+    fold_report = fold_ic(deployed, input_size=fold_size, inplace=True)[1] if fold else None
     metadata = _metadata(model, input_size, dynamic_batch, fold_report)
     example = _random_input(_EXAMPLE_BATCH if dynamic_batch else 1, input_size)
     rejected: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="icrewrite-export-") as scratch:
         for exporter in exporters:
             exported = Path(scratch) / f"{exporter}.onnx"
+            file_metadata = {**metadata, "icrewrite_exporter": exporter}
             try:
                 proto = _export(exporter, deployed, example, exported, opset, dynamic_batch)
-                _set_metadata(proto, {**metadata, "icrewrite_exporter": exporter})
+                _set_metadata(proto, file_metadata)
                 onnx.save_model(proto, exported)
                 parity = _verify(exported, inputs, expected) if verify else []
             except Exception as error:  # any exporter or verification failure: try the next exporter
@@ -168,7 +160,7 @@ def export_onnx(
                 fold=fold_report,
                 parity=parity,
                 rejected=rejected,
-                metadata={**metadata, "icrewrite_exporter": exporter},
+                metadata=file_metadata,
             )
     reasons = "; ".join(f"{name}: {why}" for name, why in rejected.items())
     raise ExportError(f"cannot export {_model_name(model) or type(model).__name__} to ONNX ({reasons})")

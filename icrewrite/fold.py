@@ -130,8 +130,8 @@ def fold_ic(
     model.eval()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, ICWeightLayer)}
     report = FoldReport(input_size=tuple(input_size) if input_size else None)
-    padded = [name for name, m in layers.items() if _plain_conv(type(m)) and _zero_padded(m)]
-    input_shapes = _input_shapes(model, {n: layers[n] for n in padded}, report.input_size) if padded and input_size else {}
+    padded = {name: m for name, m in layers.items() if _plain_conv(type(m)) and _zero_padded(m)}
+    input_shapes = _input_shapes(model, padded, report.input_size) if padded and report.input_size else {}
     shared = _shared_weights(model)
     for name, layer in layers.items():
         reason = _why_not_foldable(layer, shared, input_shapes.get(name), report.input_size)
@@ -174,13 +174,13 @@ def _why_not_foldable(
     base = ic_base(type(layer))
     is_linear = any(issubclass(base, cls) and base.forward is cls.forward for cls in _PLAIN_LINEARS)
     if not is_linear and not _plain_conv(base):
-        return f"{base.__name__} has its own forward"
+        return f"{base.__name__} is not a plain Linear or Conv1d/2d/3d (own forward)"
     if id(layer.weight) in shared:
         return "weight shared with another layer"
     if is_linear or not _zero_padded(layer):
         return None
     if input_size is None:
-        return "zero-padded convolution: folding needs a fixed input size"
+        return "zero-padded convolution: exact folding needs a fixed input size (border correction)"
     if not shapes:
         return f"not called at input size {input_size}"
     if len(shapes) > 1:

@@ -17,6 +17,7 @@ from torch import nn
 from timm.layers import CondConv2d, register_notrace_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import fast_ic
 from .patterns import bn_affine
 
 __all__ = [
@@ -54,8 +55,13 @@ class IC(nn.Module):
             inputs ``(*, C)`` such as ``(B, N, C)`` tokens.
         eps, momentum: as in ``nn.BatchNorm2d``.
 
-    In eval mode it is the per-feature affine map returned by :meth:`affine`.
+    In eval mode it is the per-feature affine map returned by :meth:`affine`. In eager
+    training it runs the fused path of :mod:`icrewrite.fast_ic` (same values, running
+    statistics and gradients; a cheaper mask); set ``fast = False`` on an instance or on
+    the class for the reference ``Dropout(BatchNorm(x))`` modules.
     """
+
+    fast: bool = True
 
     def __init__(
         self,
@@ -86,6 +92,10 @@ class IC(nn.Module):
         return self.drop.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x if self.feature_dim == 1 else x.flatten(0, -2)
+        if self.fast and fast_ic.applies(self.norm, self.drop, features):
+            y = fast_ic.batch_norm_dropout(features, self.norm, self.drop.p)
+            return y if self.feature_dim == 1 else y.view(x.shape)
         if self.feature_dim == 1:
             x = self.norm(x)
         else:

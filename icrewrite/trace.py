@@ -11,7 +11,9 @@ by one. Nothing here changes the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 import torch.fx as fx
 from timm.layers import get_notrace_functions, is_notrace_module
 from torch import nn
@@ -57,6 +59,24 @@ class ICTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # fx.Tracer finds the name of a parameter or buffer by searching all of them on each
+        # access, quadratic in the size of the model; names by id give the same nodes.
+        self._tensor_names = {id(t): name for name, t in [*root.named_buffers(), *root.named_parameters()]}
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        name = self._tensor_names.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> fx.node.Argument:
+        name = self._tensor_names.get(id(a)) if isinstance(a, torch.Tensor) else None
+        return super().create_arg(a) if name is None else self.create_node("get_attr", name, (), {})
+
 
 def _trace_with_leaf_fallback(module: nn.Module) -> tuple[fx.Graph | None, set[str], str | None]:
     """Trace ``module``; on failure make the innermost failing submodule a leaf and retry."""
@@ -77,10 +97,10 @@ def _holds_weight_layers(module: nn.Module) -> bool:
     return any(is_weight_layer(m) for m in module.modules())
 
 
-def _reads_placeholder(graph: fx.Graph, target: str) -> bool:
-    """True when some call of submodule ``target`` takes a placeholder as its first input."""
-    return any(n.op == "call_module" and n.target == target and n.args and isinstance(n.args[0], fx.Node)
-               and n.args[0].op == "placeholder" for n in graph.nodes)
+def _placeholder_readers(graph: fx.Graph) -> set[str]:
+    """Submodules that some call gives a placeholder as its first input."""
+    return {n.target for n in graph.nodes if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)
+            and n.args[0].op == "placeholder"}
 
 
 def trace_scopes(model: nn.Module) -> list[Scope]:
@@ -97,7 +117,8 @@ def trace_scopes(model: nn.Module) -> list[Scope]:
             children = [(name, child, is_model_input and i == 0)
                         for i, (name, child) in enumerate(module.named_children())]
         else:
-            children = [(name, module.get_submodule(name), is_model_input and _reads_placeholder(graph, name))
+            readers = _placeholder_readers(graph)
+            children = [(name, module.get_submodule(name), is_model_input and name in readers)
                         for name in sorted({n.target for n in graph.nodes if n.op == "call_module"})]
         for name, child, reads_input in children:
             if not is_weight_layer(child) and not isinstance(child, IC) and _holds_weight_layers(child):

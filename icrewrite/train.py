@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from timm.layers import convert_sync_batchnorm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn, is_distributed_env, random_seed, world_info_from_env
+from timm.utils import (ModelEmaV3, dispatch_clip_grad, distribute_bn, is_distributed_env, random_seed,
+                        world_info_from_env)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -178,6 +179,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _batch_totals(loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[loss sum, correct predictions, samples]`` of one batch, in float64 on the batch's device."""
+    correct = (logits.argmax(dim=1) == targets).sum()
+    return torch.stack([loss_sum.double(), correct.double(), loss_sum.new_tensor(len(targets), dtype=torch.float64)])
+
+
 class _Run:
     """One training run: the objects it trains and the position it has reached."""
 
@@ -289,9 +296,7 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.train_model(images)
         loss = self.criterion(logits.float(), targets)
-        correct = (logits.argmax(dim=1) == targets).sum()
-        batch_totals = self._global_sum(torch.stack([loss.detach().double() * len(targets), correct.double(),
-                                                     torch.tensor(len(targets), dtype=torch.float64, device=correct.device)]))
+        batch_totals = self._global_sum(_batch_totals(loss.detach() * len(targets), logits, targets))
         mean_loss = (batch_totals[0] / batch_totals[2]).item()
         if not math.isfinite(mean_loss):
             raise LossNotFinite(
@@ -339,9 +344,7 @@ class _Run:
         for images, targets in self._batches(self.val_loader):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            correct = (logits.argmax(dim=1) == targets).sum()
-            sums += torch.stack([loss.double(), correct.double(), torch.tensor(len(targets), dtype=torch.float64)]).cpu()
+            sums += _batch_totals(F.cross_entropy(logits.float(), targets, reduction="sum"), logits, targets).cpu()
         loss_sum, correct, count = self._global_sum(sums).tolist()
         return loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
 
@@ -442,7 +445,8 @@ def finetune(
             run.load_state_dict(_load_state(state_path))
             if world.primary:
                 _rewrite_jsonl(out_dir / METRICS_FILE, run.history)
-                tqdm.write(f"resuming {out_dir} at epoch {run.epoch + 1}, batch {run.batch}, step {run.step}")
+                tqdm.write(f"resuming {out_dir}: {run.epoch} epoch(s) and {run.batch} batch(es) done, "
+                           f"step {run.step}")
         elif world.primary:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / METRICS_FILE).unlink(missing_ok=True)

@@ -78,10 +78,10 @@ def test_folder_with_split_folders_uses_them(tmp_path: Path) -> None:
     assert len(loader.dataset) == 4 and not loader.drop_last
 
 
-@pytest.mark.parametrize("spec", ["no-such-dir", "torch/cifar10:/no/such/root"])
-def test_unknown_data_is_a_user_error(spec: str) -> None:
+@pytest.mark.parametrize("spec", ["no-such-dir", "torch/cifar10:/no/such/root", "EMPTY"])
+def test_unknown_data_is_a_user_error(spec: str, tmp_path: Path) -> None:
     with pytest.raises(DataError):
-        make_dataset(spec, "train")
+        make_dataset(str(tmp_path) if spec == "EMPTY" else spec, "train")
 
 
 def test_unknown_split_is_a_user_error() -> None:

@@ -1,6 +1,7 @@
 """Deploy-time folding of IC blocks (icrewrite.fold) and verified ONNX export (icrewrite.export)."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from timm.layers import StdConv2d
 from torch import nn
 
 import icrewrite
-from icrewrite.cli import main
+from icrewrite.cli import export as export_command
 from icrewrite.errors import ExportError
 from icrewrite.export import export_onnx
 from icrewrite.fold import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, fold_ic
@@ -148,7 +149,7 @@ def test_custom_and_shared_layers_keep_their_ic():
     model.tied = nn.Linear(4, 4)
     model.tied.weight = shared.weight
     folded, report = fold_ic(model, input_size=(4, 1, 1))
-    assert "StdConv2d has its own forward" in report.kept["0"]
+    assert report.kept["0"].startswith("StdConv2d is not a plain")
     assert report.kept["2"] == "weight shared with another layer"
     x = torch.randn(2, 4, 1, 1)
     assert close(folded(x), model(x))
@@ -189,7 +190,7 @@ def test_converted_timm_model_exports_and_matches_onnxruntime(name, tmp_path):
     path = tmp_path / "model.onnx"
     report = export_onnx(model, path, input_size=(3, size, size), exporters=FAST)
     assert report.verified and [p.batch_size for p in report.parity] == [1, 4]
-    assert report.fold.total > 0 and not any("own forward" in why for why in report.fold.kept.values())
+    assert report.fold.total > 0 and not any("plain" in why for why in report.fold.kept.values())
     onnx.checker.check_model(str(path), full_check=True)
     assert "Dropout" not in onnx_nodes(path)
     x = torch.randn(3, 3, size, size)  # a batch size the export did not check
@@ -197,54 +198,60 @@ def test_converted_timm_model_exports_and_matches_onnxruntime(name, tmp_path):
     assert np.abs(run_onnx(path, x) - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_default_exporter_is_dynamo_with_a_dynamic_batch(tmp_path):
-    model = random_ic(nn.Sequential(with_ic(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), nn.Flatten(1),
-                                    with_ic(nn.Linear(4 * 8 * 8, 5))))
-    report = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 8, 8))
+def small_ic_net() -> nn.Module:
+    """Padded and 1x1 convolutions and a Linear, all with ICs, carrying timm and icrewrite attributes."""
+    model = random_ic(nn.Sequential(with_ic(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), with_ic(nn.Conv2d(4, 4, 1)),
+                                    nn.Flatten(1), with_ic(nn.Linear(4 * 8 * 8, 5))))
+    model.pretrained_cfg = {"architecture": "small_ic_net", "input_size": (3, 8, 8)}
+    model.icrewrite_options = {"p": 0.05, "exclude": ["stem"]}
+    return model
+
+
+def test_default_export_uses_dynamo_a_dynamic_batch_and_the_model_input_size(tmp_path):
+    report = export_onnx(small_ic_net(), tmp_path / "m.onnx")
     assert report.exporter == "dynamo" and report.rejected == {}
+    assert report.input_size == (3, 8, 8) and [p.batch_size for p in report.parity] == [1, 4]
     batch = onnx.load(tmp_path / "m.onnx").graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param and not batch.dim_value
 
 
-def test_folding_removes_every_ic_op_from_the_graph(tmp_path):
-    model = random_ic(nn.Sequential(with_ic(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), with_ic(nn.Conv2d(4, 4, 1)),
-                                    nn.Flatten(1), with_ic(nn.Linear(4 * 8 * 8, 5))))
-    export_onnx(model, tmp_path / "folded.onnx", input_size=(3, 8, 8), exporters=FAST)
-    export_onnx(model, tmp_path / "unfolded.onnx", input_size=(3, 8, 8), exporters=FAST, fold=False)
-    assert "BatchNormalization" not in onnx_nodes(tmp_path / "folded.onnx")
-    assert "BatchNormalization" in onnx_nodes(tmp_path / "unfolded.onnx")
+def test_metadata_records_model_version_options_and_folding(tmp_path):
+    model = small_ic_net()
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, exporters=FAST)
+    metadata = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert metadata["timm_model"] == "small_ic_net"
+    assert metadata["icrewrite_version"] == icrewrite.__version__
+    assert json.loads(metadata["icrewrite_options"]) == model.icrewrite_options
+    assert metadata["icrewrite_exporter"] == report.exporter == "torchscript"
+    assert json.loads(metadata["icrewrite_fold"]) == report.fold.to_dict()
+    assert report.fold.folded == ["2", "4"] and list(report.fold.kept) == ["0"]
+
+
+def test_static_batch(tmp_path):
+    report = export_onnx(small_ic_net(), tmp_path / "m.onnx", dynamic_batch=False, exporters=FAST)
+    assert [p.batch_size for p in report.parity] == [1]
+    dims = onnx.load(tmp_path / "m.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 8, 8]
+
+
+@pytest.mark.parametrize(("options", "batch_norms"),
+                         [({}, 1), ({"border_correction": True}, 0), ({"fold": False}, 3)])
+def test_folding_leaves_only_the_ics_of_padded_convolutions_in_the_graph(options, batch_norms, tmp_path):
+    report = export_onnx(small_ic_net(), tmp_path / "m.onnx", exporters=FAST, **options)
+    assert report.verified
+    assert onnx_nodes(tmp_path / "m.onnx").count("BatchNormalization") == batch_norms
 
 
 def test_a_model_in_train_mode_exports_its_eval_function_without_dropout(tmp_path):
-    model = random_ic(nn.Sequential(with_ic(nn.Conv2d(3, 4, 3), p=0.5), nn.Flatten(1), with_ic(nn.Linear(64, 5), p=0.5)))
+    model = random_ic(nn.Sequential(with_ic(nn.Conv2d(3, 4, 3), p=0.5), nn.Flatten(1),
+                                    with_ic(nn.Linear(64, 5), p=0.5)))
     model.train()
     export_onnx(model, tmp_path / "m.onnx", input_size=(3, 6, 6), exporters=FAST, fold=False)
     assert model.training
     assert "Dropout" not in onnx_nodes(tmp_path / "m.onnx")
     x = torch.randn(2, 3, 6, 6)
     assert np.allclose(run_onnx(tmp_path / "m.onnx", x), model.eval()(x).detach().numpy(), atol=1e-5)
-
-
-def test_metadata_records_model_version_options_and_folding(tmp_path):
-    model = converted("resnet18")
-    path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, input_size=(3, 32, 32), exporters=FAST)
-    metadata = {p.key: p.value for p in onnx.load(path).metadata_props}
-    assert metadata["timm_model"] == "resnet18"
-    assert metadata["icrewrite_version"] == icrewrite.__version__
-    assert json.loads(metadata["icrewrite_options"]) == model.icrewrite_options
-    assert metadata["icrewrite_exporter"] == report.exporter
-    fold = json.loads(metadata["icrewrite_fold"])
-    assert len(fold["folded"]) + len(fold["border_corrected"]) + len(fold["kept"]) == report.fold.total
-
-
-def test_static_batch_and_default_input_size(tmp_path):
-    model = converted("resnet18")
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
-    report = export_onnx(model, tmp_path / "m.onnx", dynamic_batch=False, exporters=FAST)
-    assert report.input_size == (3, 32, 32) and [p.batch_size for p in report.parity] == [1]
-    dims = onnx.load(tmp_path / "m.onnx").graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims] == [1, 3, 32, 32]
 
 
 class DataDependent(nn.Module):
@@ -298,13 +305,23 @@ def test_existing_file_is_kept_unless_forced(tmp_path):
     assert path.read_text() == "keep"
 
 
+def parse_export_command(argv: list[str]) -> argparse.Namespace:
+    """Parse ``icrewrite export ...`` with only this command registered (the others import a lot)."""
+    parser = argparse.ArgumentParser()
+    export_command.register(parser.add_subparsers())
+    return parser.parse_args(["export", *argv])
+
+
 def test_cli_exports_a_saved_converted_model(tmp_path, capsys):
-    checkpoint = tmp_path / "resnet18_ic.safetensors"
-    icrewrite.save(converted("resnet18"), checkpoint)
-    output = tmp_path / "resnet18_ic.onnx"
-    argv = ["export", str(checkpoint), "-o", str(output), "--input-size", "3", "32", "32", "--exporter", "torchscript"]
-    assert main(argv) == 0
+    checkpoint = tmp_path / "test_resnet_ic.safetensors"
+    icrewrite.save(converted("test_resnet"), checkpoint)
+    output = tmp_path / "test_resnet_ic.onnx"
+    args = parse_export_command([str(checkpoint), "-o", str(output), "--input-size", "3", "32", "32",
+                                 "--exporter", "torchscript", "--static-batch"])
+    assert args.func(args) == 0
     assert "torchscript exporter" in capsys.readouterr().out
-    assert {p.key for p in onnx.load(output).metadata_props} >= {"timm_model", "icrewrite_options"}
-    assert main(argv) == 2
-    assert "exists" in capsys.readouterr().err
+    proto = onnx.load(output)
+    assert {p.key for p in proto.metadata_props} >= {"timm_model", "icrewrite_options"}
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    with pytest.raises(ExportError, match="exists"):
+        args.func(args)

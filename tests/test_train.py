@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,15 @@ if mode == "ddp":
 """
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Training on one thread: on a busy shared machine two threads per process mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("resnet18", **TINY)
@@ -64,7 +74,8 @@ def _env() -> dict[str, str]:
 
 
 def _start(script: Path, out: Path, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=_env(), stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=_env(), stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _finish(process: subprocess.Popen) -> None:
@@ -77,7 +88,6 @@ def _state(out: Path) -> dict:
 
 
 def test_finetune_learns_and_writes_its_files(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     model = _tiny_model()
     train, val = digits_loaders(batch_size=32, img_size=16)
     result = finetune(model, train, val, tmp_path, epochs=2, lr=3e-3, ema=True, clip_grad=1.0, progress=False)

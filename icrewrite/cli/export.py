@@ -28,6 +28,9 @@ def register(subparsers: Any) -> None:
                         help="use only this exporter (repeat to give an order; default: dynamo, then torchscript)")
     parser.add_argument("--no-fold", dest="fold", action="store_false",
                         help="keep every IC block as a separate op instead of folding it into its weight layer")
+    parser.add_argument("--border-correction", action="store_true",
+                        help="also fold ICs before zero-padded convolutions, adding a constant border map "
+                             "(exact at the export size; slower than the affine op in onnxruntime on CPU)")
     parser.add_argument("--static-batch", dest="dynamic_batch", action="store_false",
                         help="fix the batch size to 1 (default: dynamic batch)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         dynamic_batch=args.dynamic_batch,
         opset=args.opset,
         fold=args.fold,
+        border_correction=args.border_correction,
         verify=args.verify,
         exporters=args.exporters or EXPORTERS,
         force=args.force,

@@ -43,28 +43,30 @@ def register(subparsers: Any) -> None:
                            "sub-folders, or class folders split 80/20), or a timm dataset NAME:ROOT")
     data.add_argument("--img-size", type=int, metavar="PIXELS",
                       help=f"image size (default: {DIGITS_IMG_SIZE} for digits, else the model's input size)")
-    data.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
+    data.add_argument("--batch-size", type=int, default=64, metavar="N", help="batch size per process (default 64)")
     data.add_argument("--workers", type=int, metavar="N",
                       help="data-loading worker processes (default: 0 for digits, which is in memory, else 4)")
     train = parser.add_argument_group("training")
     defaults = FinetuneConfig()
-    train.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    train.add_argument("--epochs", type=int, default=defaults.epochs, metavar="N", help=f"default {defaults.epochs}")
     train.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     train.add_argument("--opt", default=defaults.opt, help=f"any timm optimizer name (default {defaults.opt})")
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="WD",
                        help=f"default {defaults.weight_decay}")
     train.add_argument("--sched", default=defaults.sched,
                        help=f"any timm scheduler name, or none (default {defaults.sched})")
-    train.add_argument("--warmup-epochs", type=int, default=defaults.warmup_epochs, help="default 0")
-    train.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+    train.add_argument("--warmup-epochs", type=int, default=defaults.warmup_epochs, metavar="N", help="default 0")
+    train.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, metavar="EPS",
                        help=f"default {defaults.label_smoothing}")
     train.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM")
     train.add_argument("--ema", action="store_true", help="also keep and evaluate an EMA of the weights")
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help=f"default {defaults.ema_decay}")
+    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay, metavar="DECAY",
+                       help=f"default {defaults.ema_decay}")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     train.add_argument("--compile", action="store_true", help="train through torch.compile")
     train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA, torchrun)")
-    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, data order and dropout")
+    train.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
+                       help="seed of new weights, data order, augmentation and dropout (default 0)")
     train.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval, metavar="STEPS",
                        help=f"write last.pt every STEPS steps and after each epoch (default "
                             f"{defaults.checkpoint_interval}); a killed run loses at most that much")

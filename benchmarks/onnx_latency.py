@@ -1,0 +1,125 @@
+"""onnxruntime CPU latency of an exported IC model relative to the exported original.
+
+For each model: a timm model (random weights, norms randomised), converted with
+``icrewrite.convert``; the original, the converted model folded (``export_onnx``'s
+default) and, for reference, unfolded (``fold=False``) are exported by ``export_onnx``
+with the same exporter at batch 1. The sessions run interleaved in one process, in
+alternating order; each round times one run of each, and the reported ratio is the
+median over rounds of ``t(IC) / t(original)`` from the same round, which cancels the
+load drift of a shared machine. It is a benchmark, not a test: nothing is asserted.
+
+    python benchmarks/onnx_latency.py                  # resnet50, mobilenetv3_large_100, efficientnet_b0
+    python benchmarks/onnx_latency.py --quick          # resnet18 at 64x64, a few rounds
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import timm
+import torch
+from tqdm import tqdm
+
+import icrewrite
+from icrewrite.export import EXPORTERS, export_onnx
+from icrewrite.testing import randomize_norms
+
+MODELS = ("resnet50", "mobilenetv3_large_100", "efficientnet_b0")
+VARIANTS = ("original", "folded", "unfolded")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_variants(name: str, size: int, exporter: str, folder: Path) -> dict[str, Path]:
+    """Export the original model and its IC conversion (folded and unfolded) with one exporter."""
+    original = randomize_norms(timm.create_model(name, pretrained=False), seed=0).eval()
+    converted = randomize_norms(icrewrite.convert(original), seed=1)  # IC statistics away from identity
+    input_size = (3, size, size)
+    paths = {variant: folder / f"{name}-{variant}.onnx" for variant in VARIANTS}
+    common = dict(input_size=input_size, dynamic_batch=False, exporters=(exporter,))
+    export_onnx(original, paths["original"], **common)
+    report = export_onnx(converted, paths["folded"], **common)
+    export_onnx(converted, paths["unfolded"], fold=False, **common)
+    print(f"{name}: {report.fold.summary()}")
+    return paths
+
+
+def time_interleaved(sessions: dict[str, onnxruntime.InferenceSession], x: np.ndarray, rounds: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Seconds per run of each session, one run each per round, alternating the order."""
+    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+    for _ in range(warmup):
+        for name, s in sessions.items():
+            s.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    order = list(sessions)
+    for round_index in tqdm(range(rounds), desc="rounds", leave=False):
+        for name in order if round_index % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_median_ratio(times: list[float], baseline: list[float]) -> float:
+    return statistics.median(t / b for t, b in zip(times, baseline))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                        help="exporter for all three graphs (default torchscript: same graphs, faster export)")
+    parser.add_argument("--quick", action="store_true", help="resnet18 at 64x64, 20 rounds: checks the script runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.size, args.rounds, args.warmup = ["resnet18"], 64, 20, 2
+    torch.set_num_threads(1)
+
+    print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"icrewrite {icrewrite.__version__}, python {platform.python_version()}")
+    print(f"{cpu_name()}, {args.threads} thread(s), input 1x3x{args.size}x{args.size}, exporter {args.exporter}, "
+          f"{args.rounds} rounds (median of paired per-round ratios)")
+    x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size), dtype=np.float32)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            paths = export_variants(name, args.size, args.exporter, Path(folder))
+            sessions = {variant: session(path, args.threads) for variant, path in paths.items()}
+            times = time_interleaved(sessions, x, args.rounds, args.warmup)
+            rows.append((name, 1000 * statistics.median(times["original"]),
+                         paired_median_ratio(times["folded"], times["original"]),
+                         paired_median_ratio(times["unfolded"], times["original"])))
+    print(f"\n| model | original (ms) | IC folded / original | IC unfolded / original |\n|---|---|---|---|")
+    for name, ms, folded, unfolded in rows:
+        print(f"| {name} | {ms:.2f} | {folded:.3f} | {unfolded:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""Sweep the model zoo: ``plan`` + ``convert`` every timm and torchvision model, report coverage.
+
+    python -m icrewrite.zoo --timm --torchvision --workers 2 --report docs/coverage.md
+    python -m icrewrite.zoo --real --max-params 30e6 --img-size 32 --filter 'resnet*'
+
+The default (meta) mode builds each model on the ``meta`` device, so no weights are
+allocated, runs ``plan`` and ``convert`` and checks that every non-stem weight layer of
+the converted model carries an IC block. ``--real`` runs :func:`icrewrite.testing.check_conversion`
+(eval equivalence with randomised norms, normalised and dropped-out input of every weight
+layer, backward) on every model within the parameter budget, at a small input size.
+
+Each model runs in a worker process with a timeout: a model that hangs or kills its
+worker is recorded as a failure and the sweep goes on. Results are appended to a JSON
+lines file as they come, so an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import json
+import multiprocessing
+import platform
+import sys
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+from .files import atomic_path
+
+__all__ = ["Entry", "timm_entries", "torchvision_entries", "meta_check", "real_check", "run_isolated",
+           "read_results", "write_report", "main"]
+
+Record = dict[str, Any]
+SOURCES = ("timm", "torchvision")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model of the zoo: where it comes from, its name and its family (defining module)."""
+
+    source: str  # "timm" | "torchvision"
+    name: str
+    family: str  # e.g. "timm.models.resnet"
+
+    def key(self, mode: str) -> tuple[str, str, str]:
+        return mode, self.source, self.name
+
+
+def timm_entries(pattern: str = "*") -> list[Entry]:
+    """Every ``timm.list_models()`` architecture matching ``pattern``; family = its entrypoint's module."""
+    return [Entry("timm", name, timm.models.model_entrypoint(name).__module__)
+            for name in timm.list_models() if fnmatch.fnmatchcase(name, pattern)]
+
+
+def torchvision_entries(pattern: str = "*") -> list[Entry]:
+    """torchvision's classification models (``list_models(module=torchvision.models)``)."""
+    models = torchvision.models
+    return [Entry("torchvision", name, models.get_model_builder(name).__module__)
+            for name in models.list_models(module=models) if fnmatch.fnmatchcase(name, pattern)]
+
+
+def build(entry: Entry, **kwargs: Any) -> nn.Module:
+    """The model of ``entry`` with random weights, on the current default device."""
+    if entry.source == "timm":
+        return timm.create_model(entry.name, pretrained=False, **kwargs)
+    return torchvision.models.get_model(entry.name, weights=None, **kwargs)
+
+
+def _error(exc: BaseException) -> str:
+    """``Type: first line of the message``, short enough for a report table."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}"[:300]
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc``, to group failures by cause."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+
+
+# --- the checks, run in worker processes -------------------------------------------------------
+
+def meta_check(entry: Entry) -> Record:
+    """Plan and convert ``entry`` built on ``meta``; every non-stem weight layer must get an IC.
+
+    ``gaps`` lists the weight layers left without an IC block and why; the record's
+    ``status`` is ``ok`` only when there are none.
+    """
+    from .layers import ICWeightLayer, is_weight_layer
+    from .plan import plan
+    from .convert import convert
+
+    with torch.device("meta"):
+        model = build(entry)
+    the_plan = plan(model)
+    converted = convert(model)
+    stem = {n.target for n in the_plan.notes if n.reason.startswith("stem")}
+    sites = {e.target for e in the_plan.edits if e.action == "insert-ic"}
+    layers = [name for name, m in converted.named_modules() if is_weight_layer(m)]
+    reasons = {n.target: n.reason for n in the_plan.notes}
+    gaps = {name: reasons.get(name, "no IC block after convert")
+            for name in layers if name not in stem and not isinstance(converted.get_submodule(name), ICWeightLayer)}
+    gaps.update({name: "planned IC block missing after convert" for name in sites - set(layers) - stem})
+    analysis = the_plan.analysis
+    return {
+        "status": "ok" if not gaps else "gap",
+        "params": the_plan.params_before,
+        "weight_layers": len(layers),
+        "ic": len(sites),
+        "stem": len(stem),
+        "folded": the_plan.count("fold-norm") + the_plan.count("replace-norm-act"),
+        "kept_norms": sum(n.reason.startswith("BatchNorm before an activation kept") for n in the_plan.notes),
+        "scopes": len(analysis.scopes),
+        "untraced_scopes": [s.prefix or "<model>" for s in analysis.scopes if s.graph is None],
+        "unseen": sorted(name for name in sites if not analysis.layers[name].called),
+        "gaps": gaps,
+    }
+
+
+def _input_sizes(model: nn.Module, img_size: int) -> list[tuple[tuple[int, ...], dict[str, Any]]]:
+    """Input sizes to try, smallest first, with the build kwargs each needs.
+
+    The small size is ``img_size`` raised to the model's ``min_input_size``; models with a
+    fixed input size (ViTs) are rebuilt with ``img_size``. The model's own default
+    ``input_size`` is the fallback.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    default = tuple(cfg.get("input_size") or (3, 224, 224))
+    side = max(img_size, *(cfg.get("min_input_size") or (0, 0, 0))[1:])
+    small = (default[0], side, side)
+    kwargs = {"img_size": side} if cfg.get("fixed_input_size") else {}
+    return [(small, kwargs)] + ([(default, {})] if default != small or kwargs else [])
+
+
+def _runs_at(model: nn.Module, size: tuple[int, ...]) -> bool:
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *size))
+        return True
+    except Exception:
+        return False
+
+
+def real_check(entry: Entry, max_params: float = 30e6, img_size: int = 32, batch: int = 4) -> Record:
+    """``check_conversion`` on real tensors for models of at most ``max_params`` parameters.
+
+    The input is ``batch`` random images at the smallest size the model runs at (see
+    :func:`_input_sizes`); bigger models are recorded as ``skipped``.
+    """
+    from .testing import check_conversion
+
+    with torch.device("meta"):
+        probe = build(entry)
+    params = sum(p.numel() for p in probe.parameters())
+    if params > max_params:
+        return {"status": "skipped", "params": params, "reason": f"{params / 1e6:.1f}M parameters > budget"}
+    for size, kwargs in _input_sizes(probe, img_size):
+        try:
+            torch.manual_seed(0)
+            model = build(entry, **kwargs)
+        except Exception:
+            continue
+        if _runs_at(model, size):
+            break
+    else:
+        return {"status": "error", "params": params, "reason": "the original model runs at no input size tried"}
+    torch.manual_seed(0)
+    result = check_conversion(model, torch.randn(batch, *size))
+    return {"status": "ok" if result.ok else "fail", "params": params, "input_size": list(size),
+            "sites": result.sites, "rel_error": result.rel_error, "failures": result.failures[:20],
+            "reason": "; ".join(result.failures[:3])[:500] or None}
+
+
+def _run_one(check: Callable[..., Record], entry: Entry, kwargs: dict[str, Any]) -> Record:
+    """Run ``check`` and turn any exception into an ``error`` record."""
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        record = check(entry, **kwargs)
+    except Exception as exc:  # a model that breaks the check is a result, not a crash of the sweep
+        record = {"status": "error", "reason": _error(exc), "where": _where(exc)}
+    return {**dataclasses.asdict(entry), **record, "seconds": round(time.perf_counter() - start, 3),
+            "cpu_seconds": round(time.process_time() - cpu, 3)}
+
+
+def _worker(conn: Connection, threads: int) -> None:
+    """Worker loop: announce readiness, then answer each ``(check, entry, kwargs)`` with a record."""
+    torch.set_num_threads(threads)
+    conn.send(None)
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        conn.send(_run_one(*task))
+
+
+# --- the process pool --------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    entry: Entry | None = None
+    started: float = 0.0
+    ready: bool = False
+
+
+def run_isolated(check: Callable[..., Record], entries: Iterable[Entry], *, workers: int = 2,
+                 timeout: float = 60.0, threads: int = 1, **kwargs: Any) -> Iterator[Record]:
+    """Yield ``check(entry, **kwargs)`` records, each computed in a worker process.
+
+    A model running past ``timeout`` seconds gets its worker killed and a ``timeout``
+    record; a worker that dies (segfault, out of memory) gives a ``crash`` record. Either
+    way a new worker takes its place and the sweep goes on. Records come in completion order.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    pending = list(entries)
+    pending.reverse()
+    slots: list[_Slot] = []
+
+    def spawn() -> _Slot:
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
+        process.start()
+        child.close()
+        return _Slot(process, parent)
+
+    def replace(slot: _Slot) -> None:
+        slot.process.kill()
+        slot.process.join()
+        slot.conn.close()
+        slots[slots.index(slot)] = spawn()
+
+    def failed(slot: _Slot, status: str, reason: str) -> Record:
+        assert slot.entry is not None
+        return {**dataclasses.asdict(slot.entry), "status": status, "reason": reason,
+                "seconds": round(time.perf_counter() - slot.started, 3)}
+
+    try:
+        slots.extend(spawn() for _ in range(min(workers, len(pending))))
+        while any(s.entry is not None for s in slots) or pending:
+            for slot in slots:
+                if slot.ready and slot.entry is None and pending:
+                    slot.entry, slot.started = pending.pop(), time.perf_counter()
+                    slot.conn.send((check, slot.entry, kwargs))
+            busy = [s for s in slots if s.entry is not None]
+            waits = [timeout - (time.perf_counter() - s.started) for s in busy]
+            ready = wait([s.conn for s in slots] + [s.process.sentinel for s in slots],
+                         timeout=max(0.0, min(waits)) if waits else None)
+            for slot in list(slots):
+                if slot.conn in ready:
+                    try:
+                        message = slot.conn.recv()
+                    except EOFError:  # died while sending: handled by its sentinel below
+                        message = None
+                    else:
+                        slot.ready = True
+                        if message is not None:
+                            slot.entry = None
+                            yield message
+                            continue
+                if slot.process.sentinel in ready and not slot.process.is_alive():
+                    if slot.entry is not None:
+                        yield failed(slot, "crash", f"worker died (exit code {slot.process.exitcode})")
+                    replace(slot)
+                elif slot.entry is not None and time.perf_counter() - slot.started > timeout:
+                    yield failed(slot, "timeout", f"no result within {timeout:g} s")
+                    replace(slot)
+    finally:
+        for slot in slots:
+            slot.process.kill()
+            slot.process.join()
+            slot.conn.close()
+
+
+# --- results and the report --------------------------------------------------------------------
+
+def read_results(path: Path) -> dict[tuple[str, str, str], Record]:
+    """The records of a results file by ``(mode, source, name)``; a later line wins."""
+    records: dict[tuple[str, str, str], Record] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["mode"], record["source"], record["name"]] = record
+    return records
+
+
+def _versions() -> str:
+    return (f"timm {timm.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+_PASSED = {"meta": ("ok",), "real": ("ok", "skipped")}
+
+
+def _failure_reason(record: Record) -> str:
+    if record.get("gaps"):
+        reasons = Counter(record["gaps"].values())
+        first = ", ".join(sorted(record["gaps"])[:3])
+        return f"{len(record['gaps'])} weight layers without IC ({first}): " + "; ".join(
+            f"{count}x {reason}" for reason, count in reasons.most_common())
+    return f"{record.get('reason')}" + (f" ({record['where']})" if record.get("where") else "")
+
+
+def _mode_section(mode: str, records: list[Record]) -> list[str]:
+    """Markdown for one mode: totals, per-family table, every failure with its reason."""
+    status = Counter(r["status"] for r in records)
+    passed = [r for r in records if r["status"] in _PASSED[mode]]
+    title = {"meta": "Meta sweep: `plan` + `convert` on the meta device",
+             "real": "Real-tensor checks: `icrewrite.testing.check_conversion`"}[mode]
+    lines = [f"## {title}", ""]
+    for source in SOURCES:
+        mine = [r for r in records if r["source"] == source]
+        if mine:
+            ok = sum(r["status"] in _PASSED[mode] for r in mine)
+            lines.append(f"- {source}: **{ok} / {len(mine)}** models pass ({100.0 * ok / len(mine):.1f}%)")
+    lines.append("- by status: " + ", ".join(f"{s} {n}" for s, n in status.most_common()))
+    if mode == "meta":
+        total = lambda key: sum(r.get(key, 0) for r in passed)
+        lines += [
+            f"- weight layers: {total('weight_layers'):,}; IC blocks inserted: {total('ic'):,}; stem layers "
+            f"(no IC by default): {total('stem'):,}; BatchNorms folded: {total('folded'):,}; BatchNorms before "
+            f"an activation kept: {total('kept_norms'):,}",
+            f"- models with a scope torch.fx could not trace (handled module by module): "
+            f"{sum(bool(r.get('untraced_scopes')) for r in records)}; IC blocks on layers no trace saw called: "
+            f"{sum(len(r.get('unseen', ())) for r in records):,}",
+        ]
+    else:
+        covered = [r for r in records if r["status"] != "skipped"]
+        sizes = Counter("x".join(map(str, r["input_size"][1:])) for r in covered if r.get("input_size"))
+        lines += [f"- checked: {len(covered)} models; input sizes used: "
+                  + ", ".join(f"{s} ({n})" for s, n in sizes.most_common()),
+                  f"- skipped (over the parameter budget): {status['skipped']}"]
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    lines += [f"- time in workers: {seconds:,.0f} s in total, {seconds / max(len(records), 1):.2f} s per model", ""]
+
+    families: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        families[record["family"]].append(record)
+    lines += ["| family | models | pass | fail |", "| --- | ---: | ---: | ---: |"]
+    for family in sorted(families):
+        mine = families[family]
+        ok = sum(r["status"] in _PASSED[mode] for r in mine)
+        lines.append(f"| `{family}` | {len(mine)} | {ok} | {len(mine) - ok} |")
+    failures = sorted((r for r in records if r["status"] not in _PASSED[mode]), key=lambda r: (r["family"], r["name"]))
+    lines += ["", f"### Failures ({len(failures)})", ""]
+    lines += [f"- `{r['name']}` ({r['source']}, {r['status']}): {_failure_reason(r)}" for r in failures] or ["None."]
+    return lines + [""]
+
+
+def write_report(records: Iterable[Record], path: Path, *, run_info: str) -> None:
+    """Write the coverage report (markdown) for every mode present in ``records``."""
+    by_mode: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_mode[record["mode"]].append(record)
+    lines = ["# Model zoo coverage", "",
+             f"Generated by `python -m icrewrite.zoo` on {datetime.date.today().isoformat()} with {_versions()}.",
+             "", run_info, ""]
+    for mode in ("meta", "real"):
+        if by_mode.get(mode):
+            lines += _mode_section(mode, by_mode[mode])
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m icrewrite.zoo", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m icrewrite.zoo --timm --workers 2 --report docs/coverage.md\n"
+               "  python -m icrewrite.zoo --real --filter 'resnet*' --max-params 30e6 --img-size 32")
+    parser.add_argument("--timm", action="store_true", help="sweep timm.list_models() (default: both sources)")
+    parser.add_argument("--torchvision", action="store_true", help="sweep torchvision's classification models")
+    parser.add_argument("--filter", default="*", help="fnmatch pattern on model names (default: all)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per model before it counts as hung")
+    parser.add_argument("--results", type=Path, default=Path("runs/zoo.jsonl"),
+                        help="JSON lines file the results are appended to; models already in it are skipped")
+    parser.add_argument("--real", action="store_true", help="real-tensor checks instead of the meta sweep")
+    parser.add_argument("--max-params", type=float, default=30e6, help="--real: parameter budget (default 30e6)")
+    parser.add_argument("--img-size", type=int, default=32,
+                        help="--real: input side, raised to the model's minimum input size (default 32)")
+    parser.add_argument("--report", type=Path, help="write the markdown coverage report here (e.g. docs/coverage.md)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    sources = [s for s in SOURCES if getattr(args, s)] or list(SOURCES)
+    mode = "real" if args.real else "meta"
+    entries = [e for source in sources for e in {"timm": timm_entries, "torchvision": torchvision_entries}[source](
+        args.filter)]
+    done = read_results(args.results)
+    todo = [e for e in entries if e.key(mode) not in done]
+    check, kwargs = (real_check, {"max_params": args.max_params, "img_size": args.img_size}) if args.real else (
+        meta_check, {})
+    start = time.perf_counter()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as out, tqdm(total=len(todo), desc=f"{mode} sweep", unit="model") as bar:
+        for record in run_isolated(check, todo, workers=args.workers, timeout=args.timeout, **kwargs):
+            record["mode"] = mode
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            done[record_key(record)] = record
+            bar.set_postfix_str(f"{record['name']}: {record['status']}", refresh=False)
+            bar.update()
+    wall = time.perf_counter() - start
+    print(f"{mode}: {len(todo)} models in {wall:.0f} s ({len(entries) - len(todo)} already in {args.results})",
+          file=sys.stderr)
+    if args.report:
+        info = (f"Last run: {len(todo)} models in {wall:,.0f} s wall time on {args.workers} workers "
+                f"({multiprocessing.cpu_count()} CPUs); results file `{args.results}`.")
+        write_report(done.values(), args.report, run_info=info)
+    return 0
+
+
+def record_key(record: Record) -> tuple[str, str, str]:
+    return record["mode"], record["source"], record["name"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
