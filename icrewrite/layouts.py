@@ -98,10 +98,16 @@ def residual_units(scope: Scope) -> list[ResidualUnit]:
 def branch_end_module(norm: nn.Module, act: nn.Module, ic: IC | None) -> nn.Sequential:
     """What replaces a unit's branch end: ``norm`` then the moved activation (then ``ic``).
 
+    A zero ``gamma`` (timm zero-initialises each unit's last BatchNorm) followed by a ReLU
+    passes no gradient to the branch at all, so it is reset to 1.
     Units add the shortcut in place (``x += shortcut``), which overwrites the branch output;
     a ReLU's backward reads its output, so it becomes ``nn.Threshold(0, 0)``, the same
     function with a backward that reads the input. Other activations are made out-of-place.
     """
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_meta and not weight.detach().any():
+        with torch.no_grad():
+            weight.fill_(1.0)  # zero-initialised gamma (timm's zero_init_last) + ReLU: no gradient would pass
     if type(act) is nn.ReLU:
         act = nn.Threshold(0.0, 0.0)
     elif getattr(act, "inplace", False):

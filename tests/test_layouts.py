@@ -74,11 +74,14 @@ def test_conv_relu_ic_ends_each_branch_with_an_ic_block(resnet):
 
 
 def test_layouts_train_and_convert_once(resnet):
-    _, model = resnet
+    name, _ = resnet
+    model = timm.create_model(name, pretrained=False)  # timm's own init: zero gamma in each unit's last norm
     for layout in ("ic-conv-relu", "conv-relu-ic"):
         converted = icrewrite.convert(model, layout=layout, init="fresh").train()
         converted(torch.randn(2, 3, 32, 32)).sum().backward()
         assert all(p.grad is not None for p in converted.parameters())
+        ends = [m.norm for m in converted.modules() if isinstance(m, nn.Sequential) and "norm" in m._modules]
+        assert ends and all(end.weight.grad.abs().sum() > 0 for end in ends)  # the branches learn
         assert not icrewrite.plan(converted, layout=layout, init="fresh").edits
 
 
