@@ -31,7 +31,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
-from .errors import ICRewriteError
+from .errors import DataError
 
 __all__ = [
     "DIGITS",
@@ -51,10 +51,6 @@ HOLDOUT_FRACTION = 0.2  # test share of the digits set and of a folder without s
 SPLIT_SEED = 0  # the hold-out split never changes with the training seed
 TRAIN_SPLITS = ("train", "training")
 EVAL_SPLITS = ("validation", "val", "valid", "test", "eval", "evaluation")
-
-
-class DataError(ICRewriteError):
-    """A data set cannot be found, read or used as asked."""
 
 
 def is_train_split(split: str) -> bool:

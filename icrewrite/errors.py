@@ -15,3 +15,15 @@ class CheckpointError(ICRewriteError):
 
 class ExportError(ICRewriteError):
     """A model cannot be exported or the export does not verify."""
+
+
+class DataError(ICRewriteError):
+    """A data set cannot be found, read or used as asked."""
+
+
+class TrainingError(ICRewriteError):
+    """Training cannot start or continue as asked."""
+
+
+class LossNotFinite(TrainingError):
+    """The loss became NaN or infinite; the run stopped before applying that step."""

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save as save_model
 from .data import resumable_loader
-from .errors import ICRewriteError
+from .errors import LossNotFinite, TrainingError
 from .files import atomic_path
 from .plot import plot_history
 
@@ -56,14 +56,6 @@ PLOT_FILE = "metrics.png"
 STATE_FORMAT = "icrewrite-train-state/1"
 # Options that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = frozenset({"resume", "progress", "checkpoint_interval", "device", "compile"})
-
-
-class TrainingError(ICRewriteError):
-    """Training cannot start or continue as asked."""
-
-
-class LossNotFinite(TrainingError):
-    """The loss became NaN or infinite; the run stopped before applying that step."""
 
 
 @dataclass
