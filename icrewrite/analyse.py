@@ -6,6 +6,9 @@
 - every BatchNorm that feeds an activation (BN -> act, or a fused ``BatchNormAct2d``):
   whether it can be folded exactly into the weight layer that produces its input, or why not;
 - for data-free initialisation: which weight layers read ``act(BN(.))`` directly.
+
+Weight layers that no trace sees called (inside untraceable modules) are settled by one
+forward pass on ``meta`` tensors (``probe.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from .layers import ICWeightLayer, ic_base, is_weight_layer, weight_layer_features
 from .patterns import activation_of, fused_activation, is_batchnorm, through_passthrough
+from .probe import probe_weight_use
 from .trace import Scope, trace_scopes
 
 __all__ = ["Layer", "NormBeforeAct", "Analysis", "analyse", "FOLDABLE_TYPES"]
@@ -41,7 +45,7 @@ class Layer:
     module: nn.Module
     features: int
     feature_dim: int
-    called: bool = False  # appears as a call_module node in some scope
+    called: bool = False  # its forward runs: a call_module node in some scope, or seen by the meta probe
     reads_model_input: bool = False
     functional: bool = False  # its parameters are read by get_attr (used outside its forward)
     has_ic: bool = False
@@ -121,9 +125,6 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
         if name in layers:
             layer = layers[name]
             layer.called = True
-            arg = node.args[0] if node.args else None
-            if scope.is_model_input and isinstance(arg, fx.Node) and arg.op == "placeholder":
-                layer.reads_model_input = True
         elif is_batchnorm(module):
             fused = fused_activation(module)
             act_users = [(u, activation_of(u, modules)) for u in through_passthrough(node, modules)]
@@ -144,6 +145,21 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
                         layers[target].source = (name, act)
 
 
+def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> None:
+    """Settle, with one meta forward pass, whether the weight layers no trace saw are called.
+
+    A layer whose forward runs gets its IC run right before its weight; one whose weight
+    is only read by other code (``F.multi_head_attention_forward``) is functional.
+    """
+    unseen = [name for name, layer in layers.items() if not layer.called]
+    usage = probe_weight_use(model, unseen) if unseen else None
+    if usage is None:
+        return
+    for name in unseen:
+        layers[name].called = name in usage.called
+        layers[name].functional |= name in usage.weight_used_outside
+
+
 def analyse(model: nn.Module) -> Analysis:
     """Trace ``model`` and collect its weight layers and BatchNorm -> activation patterns."""
     layers: dict[str, Layer] = {}
@@ -155,9 +171,12 @@ def analyse(model: nn.Module) -> Analysis:
     norms: list[NormBeforeAct] = []
     notes: list[tuple[str, str]] = []
     for scope in scopes:
-        if scope.graph is None:
+        for name in scope.input_layers:
+            layers[name].reads_model_input = True
+        if scope.graph is not None:
+            _analyse_scope(scope, layers, norms)
+        elif scope.error is not None:
             notes.append((scope.prefix or "<model>", f"not traceable ({scope.error}); weight layers inside get IC, "
                           "BatchNorms inside are kept"))
-        else:
-            _analyse_scope(scope, layers, norms)
+    _probe_unseen(model, layers)
     return Analysis(layers, norms, scopes, notes)

@@ -1,13 +1,12 @@
-"""Fast CPU training path of the IC block: BatchNorm + Dropout as one autograd function.
+"""Fast CPU training path of the IC block: BatchNorm + Dropout as one differentiable operator.
 
 Where the reference ``Dropout(BatchNorm(x))`` spends its time on CPU (torch.profiler,
 resnet18/50 train steps) and what this path does instead:
 
 - ``bernoulli_`` draws one float per element, the largest single cost, and Dropout keeps
   that float mask for backward. Here only the *dropped* positions are drawn, as the
-  geometric gaps between them (inversion of about ``p * numel`` uniforms), zeroed with
-  ``index_fill_`` and kept for backward as ``int64`` indices (``8p`` bytes per element:
-  0.4 at ``p = 0.05``, a tenth of a float mask).
+  geometric gaps between them (about ``p * numel`` uniforms), zeroed with ``index_fill_``;
+  backward keeps only the seed of that draw and regenerates the positions.
 - training-mode ``native_batch_norm`` computes its statistics element by element in
   double precision on NCHW tensors, several times slower than its normalisation; here the
   same two-pass statistics (mean, then squared deviations) are vectorised row reductions,
@@ -16,9 +15,10 @@ resnet18/50 train steps) and what this path does instead:
   normalisation, affine and scale are one pass; no normalised or dropped-out copy is kept.
 
 Backward is one copy of the gradient with the dropped positions zeroed and
-``native_batch_norm_backward``. ``IC.forward`` uses this path in eager CPU training only
-(see :func:`applies`); everywhere else it runs the reference modules, which
-``torch.compile`` fuses itself and cuDNN + the fused CUDA dropout kernel already serve.
+``native_batch_norm_backward``. Both directions are ``torch.library`` custom operators,
+which ``torch.compile`` keeps whole. ``IC.forward`` uses the path in CPU training (see
+:func:`applies`); elsewhere it runs the reference modules (cuDNN and the fused CUDA
+dropout kernel serve them on GPUs).
 """
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["applies", "batch_norm_dropout", "dropped_positions"]
+__all__ = ["applies", "batch_norm_dropout", "norm_dropout", "dropped_positions"]
 
 # Where the row-reduction statistics beat native_batch_norm's on CPU (measured: 4x faster
 # at 16x64x24x24, 1.3x at 16x256x6x6; slower for rows of 3x3 and below 2**16 elements,
@@ -40,20 +39,21 @@ _MIN_ROW = 16
 _MIN_NUMEL = 2**16
 
 
-def dropped_positions(numel: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def dropped_positions(numel: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sorted ``int64`` indices in ``[0, numel)``, each present independently with probability ``p``.
 
     A Bernoulli process drawn as the gaps between its successes: geometric variables
     ``floor(log(1 - U) / log(1 - p))`` from float64 uniforms ``U``, about ``p * numel`` of
-    them, instead of one random number per element. Uses the default generator of
-    ``device``, so ``torch.manual_seed`` makes it reproducible.
+    them, instead of one random number per element. The same ``seed`` gives the same
+    positions, so backward regenerates them instead of keeping them.
     """
+    generator = torch.Generator(device).manual_seed(seed)
     log_keep = math.log1p(-p)
     expected = numel * p
     batch = int(expected + 6.0 * math.sqrt(expected * (1.0 - p))) + 16  # rarely needs a second batch
     chunks, last = [], -1.0
     while last < numel:
-        log_uniform = torch.rand(batch, dtype=torch.float64, device=device).neg_().log1p_()
+        log_uniform = torch.rand(batch, dtype=torch.float64, device=device, generator=generator).neg_().log1p_()
         gaps = torch.div(log_uniform, log_keep, rounding_mode="floor").add_(1.0)
         chunks.append(gaps.cumsum_(0).add_(last))
         last = float(chunks[-1][-1])
@@ -89,62 +89,75 @@ def _row_stats(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _batch_norm_train(
-    x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
+    x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-mode BatchNorm of ``x`` into ``out``, updating the running statistics; returns ``(mean, invstd)``."""
+    """Training-mode BatchNorm of ``x`` into ``out``; returns the batch ``(mean, invstd)``."""
     features = x.shape[1]
     if not _row_stats_pay_off(x):
         stats = weight.new_empty(features), weight.new_empty(features)
-        _, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps, out=(out, *stats))
+        _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps, out=(out, *stats))
         return mean, invstd
     mean, var = _row_stats(x, out)
-    count = x.numel() // features
-    running_mean.lerp_(mean, momentum)  # (1 - momentum) running + momentum batch, as BatchNorm
-    running_var.lerp_(var * (count / (count - 1)), momentum)  # with the unbiased variance
     unused = weight.new_empty(0), weight.new_empty(0)
     torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps, out=(out, *unused))
     return mean, var.add_(eps).rsqrt_()
 
 
-class _BatchNormDropout(torch.autograd.Function):
-    """``Dropout_p(BatchNorm(x))`` in training mode, updating the running statistics."""
+# Two custom operators rather than an autograd.Function: torch.compile keeps them opaque
+# (their fake kernels give the shapes) and calls the eager kernels, instead of tracing the
+# reference modules, whose per-element RNG Inductor generates far more slowly on CPU.
+@torch.library.custom_op("icrewrite::batch_norm_dropout", mutates_args=())
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output, batch mean, batch invstd, mask seed)``; the affine carries the dropout scale."""
+    keep = 1.0 - p
+    out = torch.empty_like(x)
+    mean, invstd = _batch_norm_train(x, out, weight / keep, bias / keep, eps)
+    seed = torch.randint(2**62, (), dtype=torch.int64)  # from the default generator: torch.manual_seed applies
+    _flat(out).index_fill_(0, dropped_positions(out.numel(), p, int(seed), out.device), 0.0)
+    return out, mean, invstd, seed
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        momentum: float,
-        eps: float,
-        p: float,
-    ) -> torch.Tensor:
-        keep = 1.0 - p
-        scale, shift = weight / keep, bias / keep
-        out = torch.empty_like(x)
-        mean, invstd = _batch_norm_train(x, out, scale, shift, running_mean, running_var, momentum, eps)
-        dropped = dropped_positions(out.numel(), p, out.device)
-        _flat(out).index_fill_(0, dropped, 0.0)
-        ctx.save_for_backward(x, scale, dropped, mean, invstd)
-        ctx.eps, ctx.keep = eps, keep
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, scale, dropped, mean, invstd = ctx.saved_tensors
-        kept_grad = torch.empty_like(x).copy_(grad)  # the layout of the forward output, which `dropped` indexes
-        _flat(kept_grad).index_fill_(0, dropped, 0.0)
-        needs = list(ctx.needs_input_grad[:3])
-        grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
-            kept_grad, x, scale, None, None, mean, invstd, True, ctx.eps, needs)
-        grad_weight = grad_scale / ctx.keep if needs[1] else None
-        grad_bias = grad_shift / ctx.keep if needs[2] else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+@_forward.register_fake
+def _(x, weight, bias, p, eps):
+    features = x.shape[1]
+    return torch.empty_like(x), weight.new_empty(features), weight.new_empty(features), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("icrewrite::batch_norm_dropout_backward", mutates_args=())
+def _backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    seed: torch.Tensor, p: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_forward`'s output for ``x``, ``weight`` and ``bias``."""
+    keep = 1.0 - p
+    kept_grad = torch.empty_like(x).copy_(grad)  # the layout of the forward output, which the positions index
+    _flat(kept_grad).index_fill_(0, dropped_positions(x.numel(), p, int(seed), x.device), 0.0)
+    grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+        kept_grad, x, weight / keep, None, None, mean, invstd, True, eps, [True, True, True])
+    return grad_x, grad_scale.div_(keep), grad_shift.div_(keep)
+
+
+@_backward.register_fake
+def _(grad, x, weight, mean, invstd, seed, p, eps):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, _, p, eps = inputs
+    _, mean, invstd, seed = output
+    ctx.mark_non_differentiable(mean, invstd, seed)
+    ctx.save_for_backward(x, weight, mean, invstd, seed)
+    ctx.p, ctx.eps = p, eps
+
+
+def _autograd_backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    grad_x, grad_weight, grad_bias = _backward(grad, *ctx.saved_tensors, ctx.p, ctx.eps)
+    return grad_x, grad_weight, grad_bias, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -155,11 +168,14 @@ def _hooked(module: nn.Module) -> bool:
         or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
 
 
-def _tracing(x: torch.Tensor) -> bool:
-    """Whether a compiler, exporter or tracer is recording the call (it needs the reference ops)."""
+def _exporting(x: torch.Tensor) -> bool:
+    """Whether an exporter or tracer records the call for another runtime (it needs the reference ops).
+
+    ``torch.compile`` is not one: it keeps the fast path's custom operators as they are.
+    """
     return (
-        torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export() or isinstance(x, torch.fx.Proxy))
+        torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        or isinstance(x, torch.fx.Proxy))
 
 
 def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor) -> bool:
@@ -171,21 +187,34 @@ def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor) -> bool:
     either module.
     """
     return (
-        norm.training and drop.training and x.device.type == "cpu"
+        norm.training and drop.training and not _exporting(x) and x.device.type == "cpu"
         and isinstance(norm, _BatchNorm) and type(norm).forward is _BatchNorm.forward
         and norm.affine and norm.track_running_stats
         and type(drop) is nn.Dropout and 0.0 < drop.p < 1.0
         and x.dim() >= 2 and x.numel() > x.shape[1]
-        and not _tracing(x) and not _hooked(norm) and not _hooked(drop))
+        and not _hooked(norm) and not _hooked(drop))
 
 
-def _momentum(norm: _BatchNorm) -> float:
-    """Count the batch and return the running-statistics factor, as ``_BatchNorm.forward`` does."""
+def batch_norm_dropout(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, *, p: float, momentum: float = 0.1, eps: float = 1e-5,
+) -> torch.Tensor:
+    """Training-mode ``F.dropout(F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), p)``.
+
+    For ``x`` of shape ``(N, C, *)`` on CPU and ``0 < p < 1``; updates the running
+    statistics in place. Differentiable once in ``x``, ``weight`` and ``bias``.
+    """
+    out, mean, invstd, _ = _forward(x, weight, bias, p, eps)
+    count = x.numel() // x.shape[1]
+    with torch.no_grad():  # the running statistics as BatchNorm updates them, with the unbiased variance
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(invstd.pow(-2).sub_(eps).mul_(count / (count - 1)), momentum)
+    return out
+
+
+def norm_dropout(norm: _BatchNorm, p: float, x: torch.Tensor) -> torch.Tensor:
+    """``Dropout_p(norm(x))`` in training mode (see :func:`applies`), counting the batch as ``_BatchNorm.forward`` does."""
     norm.num_batches_tracked.add_(1)
-    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-
-
-def batch_norm_dropout(x: torch.Tensor, norm: _BatchNorm, p: float) -> torch.Tensor:
-    """``Dropout_p(norm(x))`` for ``x`` of shape ``(N, C, *)`` in training mode (see :func:`applies`)."""
-    return _BatchNormDropout.apply(
-        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, _momentum(norm), norm.eps, p)
+    momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return batch_norm_dropout(
+        x, norm.running_mean, norm.running_var, norm.weight, norm.bias, p=p, momentum=momentum, eps=norm.eps)

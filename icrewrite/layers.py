@@ -94,7 +94,7 @@ class IC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = x if self.feature_dim == 1 else x.flatten(0, -2)
         if self.fast and fast_ic.applies(self.norm, self.drop, features):
-            y = fast_ic.batch_norm_dropout(features, self.norm, self.drop.p)
+            y = fast_ic.norm_dropout(self.norm, self.p, features)
             return y if self.feature_dim == 1 else y.view(x.shape)
         if self.feature_dim == 1:
             x = self.norm(x)

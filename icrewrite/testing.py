@@ -1,7 +1,9 @@
 """Helpers to test conversions honestly (used by the test suite and the zoo sweep)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +42,17 @@ _WEIGHT_OPS = {
 
 
 class _WeightInputRecorder(TorchFunctionMode):
-    """Record the input of every conv/linear call whose weight is a known parameter."""
+    """Record the input of the first conv/linear call of each weight layer.
 
-    def __init__(self, owners: dict[int, str]) -> None:
+    A call is matched to its layer by the identity of the weight tensor or, for layers
+    that transform their weight before using it (timm's ``StdConv2d``, ``ScaledStdConv2d``),
+    to the weight layer whose ``forward`` is running (``running``, innermost last).
+    """
+
+    def __init__(self, owners: dict[int, str], running: list[str]) -> None:
         super().__init__()
         self.owners = owners
+        self.running = running
         self.inputs: dict[str, torch.Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -52,7 +60,7 @@ class _WeightInputRecorder(TorchFunctionMode):
         feature_dim = _WEIGHT_OPS.get(func)
         if feature_dim is not None and len(args) >= 1:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            name = self.owners.get(id(weight))
+            name = self.owners.get(id(weight)) or (self.running[-1] if self.running else None)
             if name is not None and name not in self.inputs:
                 t = args[0].detach().float()
                 t = t.transpose(1, -1) if feature_dim == 1 else t
@@ -65,13 +73,27 @@ def weight_layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     """What each weight layer's weight is actually applied to, as ``(samples, features)``.
 
     Conv and linear calls are intercepted (``TorchFunctionMode``) and matched to layers by
-    the identity of the weight tensor, so the check trusts no module names or structure.
-    Runs ``model`` once in its current mode.
+    the identity of the weight tensor (or the layer running them), so the check trusts no
+    module names or structure. Runs ``model`` once in its current mode.
     """
-    owners = {id(m.weight): name for name, m in model.named_modules()
-              if is_weight_layer(m) and isinstance(getattr(m, "weight", None), torch.Tensor)}
-    with _WeightInputRecorder(owners) as recorder:
-        model(x)
+    layers = {name: m for name, m in model.named_modules() if is_weight_layer(m)}
+    owners = {id(m.weight): name for name, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    running: list[str] = []
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda module, args: running.append(name)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        del running[-1]
+
+    handles = [h for name, m in layers.items()
+               for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
+    try:
+        with _WeightInputRecorder(owners, running) as recorder:
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
     return recorder.inputs
 
 

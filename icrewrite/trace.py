@@ -6,10 +6,12 @@ layers, norms, activations and IC blocks are leaves too, so each appears as one
 flow, say), that submodule becomes a leaf and the trace is retried. Every leaf that holds
 weight layers of its own is then traced as a scope of its own, recursively; a scope
 that cannot be traced at all is recorded with its error and its children are tried one
-by one. Nothing here changes the model.
+by one (containers such as ``nn.ModuleList`` have no ``forward`` and are only looked
+into). Nothing here changes the model.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,8 @@ class Scope:
     is_model_input: bool  # placeholders are the model's own inputs
     error: str | None = None
     leaves: set[str] = field(default_factory=set)  # extra leaves added on trace failure
+    # Modules of this scope (weight layers, scopes) that read the model input directly.
+    input_layers: set[str] = field(default_factory=set)
 
     def qualname(self, target: str) -> str:
         """Module path, in the whole model, of a ``call_module`` target of this scope."""
@@ -78,13 +82,14 @@ class ICTracer(fx.Tracer):
         return super().create_arg(a) if name is None else self.create_node("get_attr", name, (), {})
 
 
-def _trace_with_leaf_fallback(module: nn.Module) -> tuple[fx.Graph | None, set[str], str | None]:
+def _trace_with_leaf_fallback(module: nn.Module, concrete_args: dict[str, Any] | None = None
+                              ) -> tuple[fx.Graph | None, set[str], str | None]:
     """Trace ``module``; on failure make the innermost failing submodule a leaf and retry."""
     leaves: set[str] = set()
     for _ in range(_MAX_LEAF_RETRIES):
         tracer = ICTracer(leaves)
         try:
-            return tracer.trace(module), leaves, None
+            return tracer.trace(module, concrete_args), leaves, None
         except Exception as exc:  # FX raises many types; any failure means "not traceable here"
             failing = [name for name, _ in tracer.module_stack.values() if name and name not in leaves]
             if not failing:
@@ -97,10 +102,33 @@ def _holds_weight_layers(module: nn.Module) -> bool:
     return any(is_weight_layer(m) for m in module.modules())
 
 
-def _placeholder_readers(graph: fx.Graph) -> set[str]:
-    """Submodules that some call gives a placeholder as its first input."""
-    return {n.target for n in graph.nodes if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)
-            and n.args[0].op == "placeholder"}
+def _input_readers(graph: fx.Graph, module: nn.Module) -> set[str]:
+    """Submodules holding weight layers whose first input is computed from the scope's inputs
+    by weight-free operations only (reshapes, padding, masks, norms): they see the raw input."""
+    raw: set[fx.Node] = set()
+    readers: set[str] = set()
+    for node in graph.nodes:
+        inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+        if node.op != "placeholder" and not (inputs and all(n in raw for n in inputs)):
+            continue
+        if node.op == "call_module" and _holds_weight_layers(module.get_submodule(node.target)):
+            readers.update([node.target] if node.args and node.args[0] in raw else [])
+        else:
+            raw.add(node)
+    return readers
+
+
+def _default_args(module: nn.Module) -> dict[str, Any]:
+    """Defaults of ``forward``'s optional arguments: the model is called as ``model(x)``, so
+    ``if mask is None:`` branches are traced as taken."""
+    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _is_container(module: nn.Module) -> bool:
+    """``ModuleList``, ``ModuleDict`` and the like: no ``forward``, never called, nothing to trace."""
+    return type(module).forward is nn.Module.forward
 
 
 def trace_scopes(model: nn.Module) -> list[Scope]:
@@ -109,18 +137,24 @@ def trace_scopes(model: nn.Module) -> list[Scope]:
     pending: list[tuple[str, nn.Module, bool]] = [("", model, True)]
     while pending:
         prefix, module, is_model_input = pending.pop(0)
-        graph, leaves, error = _trace_with_leaf_fallback(module)
-        scopes.append(Scope(prefix, module, graph, is_model_input, error, leaves))
+        if _is_container(module):
+            graph, leaves, error = None, set(), None
+        else:
+            graph, leaves, error = _trace_with_leaf_fallback(module, None if prefix else _default_args(module))
+        scope = Scope(prefix, module, graph, is_model_input, error, leaves)
+        scopes.append(scope)
         if graph is None:
             # Untraceable: try the children one by one. Which child reads the model input is
             # unknown; modules register their stem first, so the first child is taken to.
             children = [(name, child, is_model_input and i == 0)
                         for i, (name, child) in enumerate(module.named_children())]
         else:
-            readers = _placeholder_readers(graph)
-            children = [(name, module.get_submodule(name), is_model_input and name in readers)
+            readers = _input_readers(graph, module) if is_model_input else set()
+            children = [(name, module.get_submodule(name), name in readers)
                         for name in sorted({n.target for n in graph.nodes if n.op == "call_module"})]
         for name, child, reads_input in children:
-            if not is_weight_layer(child) and not isinstance(child, IC) and _holds_weight_layers(child):
-                pending.append((f"{prefix}.{name}" if prefix else name, child, reads_input))
+            if is_weight_layer(child) and reads_input:
+                scope.input_layers.add(scope.qualname(name))
+            elif not is_weight_layer(child) and not isinstance(child, IC) and _holds_weight_layers(child):
+                pending.append((scope.qualname(name), child, reads_input))
     return scopes

@@ -38,7 +38,11 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
+from .convert import convert
 from .files import atomic_path
+from .layers import ICWeightLayer, is_weight_layer
+from .plan import plan
+from .testing import check_conversion
 
 __all__ = ["Entry", "timm_entries", "torchvision_entries", "meta_check", "real_check", "run_isolated",
            "read_results", "write_report", "main"]
@@ -79,6 +83,16 @@ def build(entry: Entry, **kwargs: Any) -> nn.Module:
     return torchvision.models.get_model(entry.name, weights=None, **kwargs)
 
 
+def build_on_meta(entry: Entry) -> tuple[nn.Module, str]:
+    """The model on ``meta``, or on the CPU for the few builders that compute their
+    configuration with tensors (torchvision's RegNets call ``.tolist()``); and that device."""
+    try:
+        with torch.device("meta"):
+            return build(entry), "meta"
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        return build(entry), "cpu"
+
+
 def _error(exc: BaseException) -> str:
     """``Type: first line of the message``, short enough for a report table."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -99,12 +113,7 @@ def meta_check(entry: Entry) -> Record:
     ``gaps`` lists the weight layers left without an IC block and why; the record's
     ``status`` is ``ok`` only when there are none.
     """
-    from .layers import ICWeightLayer, is_weight_layer
-    from .plan import plan
-    from .convert import convert
-
-    with torch.device("meta"):
-        model = build(entry)
+    model, device = build_on_meta(entry)
     the_plan = plan(model)
     converted = convert(model)
     stem = {n.target for n in the_plan.notes if n.reason.startswith("stem")}
@@ -117,6 +126,7 @@ def meta_check(entry: Entry) -> Record:
     analysis = the_plan.analysis
     return {
         "status": "ok" if not gaps else "gap",
+        "device": device,
         "params": the_plan.params_before,
         "weight_layers": len(layers),
         "ic": len(sites),
@@ -160,10 +170,7 @@ def real_check(entry: Entry, max_params: float = 30e6, img_size: int = 32, batch
     The input is ``batch`` random images at the smallest size the model runs at (see
     :func:`_input_sizes`); bigger models are recorded as ``skipped``.
     """
-    from .testing import check_conversion
-
-    with torch.device("meta"):
-        probe = build(entry)
+    probe, _ = build_on_meta(entry)
     params = sum(p.numel() for p in probe.parameters())
     if params > max_params:
         return {"status": "skipped", "params": params, "reason": f"{params / 1e6:.1f}M parameters > budget"}
@@ -224,6 +231,7 @@ def run_isolated(check: Callable[..., Record], entries: Iterable[Entry], *, work
     A model running past ``timeout`` seconds gets its worker killed and a ``timeout``
     record; a worker that dies (segfault, out of memory) gives a ``crash`` record. Either
     way a new worker takes its place and the sweep goes on. Records come in completion order.
+    A worker that dies before it is ready (a broken import) stops the sweep with ``RuntimeError``.
     """
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
     pending = list(entries)
@@ -257,10 +265,10 @@ def run_isolated(check: Callable[..., Record], entries: Iterable[Entry], *, work
                     slot.conn.send((check, slot.entry, kwargs))
             busy = [s for s in slots if s.entry is not None]
             waits = [timeout - (time.perf_counter() - s.started) for s in busy]
-            ready = wait([s.conn for s in slots] + [s.process.sentinel for s in slots],
+            signalled = wait([s.conn for s in slots] + [s.process.sentinel for s in slots],
                          timeout=max(0.0, min(waits)) if waits else None)
             for slot in list(slots):
-                if slot.conn in ready:
+                if slot.conn in signalled:
                     try:
                         message = slot.conn.recv()
                     except EOFError:  # died while sending: handled by its sentinel below
@@ -271,7 +279,9 @@ def run_isolated(check: Callable[..., Record], entries: Iterable[Entry], *, work
                             slot.entry = None
                             yield message
                             continue
-                if slot.process.sentinel in ready and not slot.process.is_alive():
+                if slot.process.sentinel in signalled and not slot.process.is_alive():
+                    if not slot.ready:
+                        raise RuntimeError(f"a sweep worker failed to start (exit code {slot.process.exitcode})")
                     if slot.entry is not None:
                         yield failed(slot, "crash", f"worker died (exit code {slot.process.exitcode})")
                     replace(slot)
@@ -304,6 +314,17 @@ def _versions() -> str:
 
 
 _PASSED = {"meta": ("ok",), "real": ("ok", "skipped")}
+_SECTIONS = {
+    "meta": "Meta sweep: `plan` + `convert` on the meta device\n\nEvery model is built on `meta` (no weights), "
+            "planned and converted; it passes when every weight layer that does not read the model input has an IC "
+            "block in the converted model. `gap` lists the layers left without one and why.",
+    "real": "Real-tensor checks: `icrewrite.testing.check_conversion`\n\nEvery model within the parameter budget "
+            "(`--max-params`) is built with random weights and randomised norms and checked on 4 random images at "
+            "the smallest size it runs at (`--img-size`, raised to its `min_input_size`; fixed-size models are "
+            "rebuilt with `img_size`; else its default size): eval output preserved, the input of every IC site "
+            "normalised (BatchNorm) and half zero at p=0.5 (Dropout), backward reaching every parameter. Models "
+            "are taken one family at a time, so a partial sweep covers as many families as it can.",
+}
 
 
 def _failure_reason(record: Record) -> str:
@@ -319,9 +340,7 @@ def _mode_section(mode: str, records: list[Record]) -> list[str]:
     """Markdown for one mode: totals, per-family table, every failure with its reason."""
     status = Counter(r["status"] for r in records)
     passed = [r for r in records if r["status"] in _PASSED[mode]]
-    title = {"meta": "Meta sweep: `plan` + `convert` on the meta device",
-             "real": "Real-tensor checks: `icrewrite.testing.check_conversion`"}[mode]
-    lines = [f"## {title}", ""]
+    lines = [f"## {_SECTIONS[mode]}", ""]
     for source in SOURCES:
         mine = [r for r in records if r["source"] == source]
         if mine:
@@ -345,7 +364,9 @@ def _mode_section(mode: str, records: list[Record]) -> list[str]:
                   + ", ".join(f"{s} ({n})" for s, n in sizes.most_common()),
                   f"- skipped (over the parameter budget): {status['skipped']}"]
     seconds = sum(r.get("seconds", 0.0) for r in records)
-    lines += [f"- time in workers: {seconds:,.0f} s in total, {seconds / max(len(records), 1):.2f} s per model", ""]
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in records)
+    lines += [f"- time in workers: {seconds:,.0f} s wall, {cpu:,.0f} s CPU ({cpu / max(len(records), 1):.2f} s per "
+              f"model): about {cpu / 120:.1f} minutes on 2 dedicated cores", ""]
 
     families: dict[str, list[Record]] = defaultdict(list)
     for record in records:
@@ -399,16 +420,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interleave_families(entries: list[Entry]) -> list[Entry]:
+    """One model of each family in turn, so that a partial sweep covers as many families as it can."""
+    families: dict[str, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        families[entry.family].append(entry)
+    queues = list(families.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     sources = [s for s in SOURCES if getattr(args, s)] or list(SOURCES)
     mode = "real" if args.real else "meta"
-    entries = [e for source in sources for e in {"timm": timm_entries, "torchvision": torchvision_entries}[source](
-        args.filter)]
+    listings = {"timm": timm_entries, "torchvision": torchvision_entries}
+    entries = [e for source in sources for e in listings[source](args.filter)]
     done = read_results(args.results)
     todo = [e for e in entries if e.key(mode) not in done]
-    check, kwargs = (real_check, {"max_params": args.max_params, "img_size": args.img_size}) if args.real else (
-        meta_check, {})
+    if args.real:
+        todo = interleave_families(todo)
+        check, kwargs = real_check, {"max_params": args.max_params, "img_size": args.img_size}
+    else:
+        check, kwargs = meta_check, {}
     start = time.perf_counter()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a") as out, tqdm(total=len(todo), desc=f"{mode} sweep", unit="model") as bar:
@@ -416,21 +449,18 @@ def main(argv: list[str] | None = None) -> int:
             record["mode"] = mode
             out.write(json.dumps(record) + "\n")
             out.flush()
-            done[record_key(record)] = record
+            done[mode, record["source"], record["name"]] = record
             bar.set_postfix_str(f"{record['name']}: {record['status']}", refresh=False)
             bar.update()
     wall = time.perf_counter() - start
     print(f"{mode}: {len(todo)} models in {wall:.0f} s ({len(entries) - len(todo)} already in {args.results})",
           file=sys.stderr)
     if args.report:
-        info = (f"Last run: {len(todo)} models in {wall:,.0f} s wall time on {args.workers} workers "
-                f"({multiprocessing.cpu_count()} CPUs); results file `{args.results}`.")
+        info = (f"Last run ({mode}): {len(todo)} models in {wall:,.0f} s wall time on {args.workers} workers "
+                f"({multiprocessing.cpu_count()} CPUs, shared with other work); results file `{args.results}`."
+                if todo else f"Report written from the results in `{args.results}`.")
         write_report(done.values(), args.report, run_info=info)
     return 0
-
-
-def record_key(record: Record) -> tuple[str, str, str]:
-    return record["mode"], record["source"], record["name"]
 
 
 if __name__ == "__main__":

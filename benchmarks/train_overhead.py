@@ -1,0 +1,216 @@
+"""Training cost of an IC model relative to the original: step time and memory.
+
+For each model: a timm model (random weights) and its ``icrewrite.convert`` conversion,
+trained with the same step (forward, cross-entropy, backward, SGD with momentum) on the
+same random batch. Three variants: ``original``, ``IC`` (the fast IC path of
+``icrewrite.fast_ic``, the default) and ``IC reference`` (``IC.fast = False``: the
+BatchNorm + Dropout modules). With ``--compile`` each variant is also wrapped in
+``torch.compile`` (where IC always runs the reference modules, which Inductor fuses).
+
+Time: the variants run interleaved in one process, one step each per round, in
+alternating order; the ratio is the median over rounds of ``t(IC) / t(original)`` from
+the same round, which cancels the load drift of a shared machine. On CPU both wall time
+and process CPU time are reported (CPU time leaves out the waits for a loaded machine's
+cores; with one thread it is the cleaner cost measure). On CUDA, wall time after
+synchronising.
+
+Memory: the bytes of the tensors autograd saves for backward in one step (seen through
+``torch.autograd.graph.saved_tensors_hooks``, counted once per storage): the activation
+memory that sets the peak of a training step. ``peak est.`` adds the model state that
+lives through the step (parameters, gradients, momentum). On CUDA the measured peak
+(``torch.cuda.max_memory_allocated``) is reported too. It is a benchmark, not a test:
+nothing is asserted.
+
+    python benchmarks/train_overhead.py                       # resnet18, resnet50, efficientnet_b0, vit_tiny
+    python benchmarks/train_overhead.py --models resnet50 --compile
+    python benchmarks/train_overhead.py --quick               # a tiny smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icrewrite
+from icrewrite.layers import IC
+
+MODELS = ("resnet18", "resnet50", "efficientnet_b0", "vit_tiny_patch16_224")
+BASELINE = "original"
+
+
+@dataclass
+class Variant:
+    """A model and its optimizer, trained by :meth:`step`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(x), y).backward()
+        self.optimizer.step()
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def create(name: str, size: int) -> nn.Module:
+    """``timm.create_model(name)`` for ``size`` x ``size`` inputs (``img_size`` for models that take it)."""
+    try:
+        return timm.create_model(name, pretrained=False, img_size=size)
+    except TypeError:  # convolutional networks take any input size and no img_size argument
+        return timm.create_model(name, pretrained=False)
+
+
+def variants(name: str, size: int, device: torch.device, compiled: bool) -> dict[str, Variant]:
+    """The original model, its IC conversion (fast path) and, in eager mode, the IC reference path."""
+    torch.manual_seed(0)
+    original = create(name, size).to(device).train()
+    converted = icrewrite.convert(original)
+    models = {BASELINE: original, "IC": converted}
+    if not compiled:
+        reference = copy.deepcopy(converted)
+        for block in reference.modules():
+            if isinstance(block, IC):
+                block.fast = False
+        models["IC reference"] = reference
+    if compiled:
+        models = {label: torch.compile(model) for label, model in models.items()}
+    return {label: Variant(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+            for label, model in models.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(runs: dict[str, Variant], x: torch.Tensor, y: torch.Tensor, rounds: int,
+                     warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds per step of each variant, one step each per round, alternating the order."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run.step(x, y)
+    synchronize(x.device)
+    times: dict[str, dict[str, list[float]]] = {label: {"wall": [], "cpu": []} for label in runs}
+    order = list(runs)
+    for round_index in range(rounds):
+        for label in order if round_index % 2 == 0 else reversed(order):
+            wall, cpu = time.perf_counter(), time.process_time()
+            runs[label].step(x, y)
+            synchronize(x.device)
+            times[label]["wall"].append(time.perf_counter() - wall)
+            times[label]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
+def saved_bytes(run: Variant, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the storages autograd saves for backward in one training step, each storage once."""
+    storages: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(run.model(x), y)
+    loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Parameters, their gradients and SGD momentum: the model state alive through a step."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def cuda_peak_bytes(run: Variant, x: torch.Tensor, y: torch.Tensor) -> int:
+    torch.cuda.synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    run.step(x, y)
+    torch.cuda.synchronize(x.device)
+    return torch.cuda.max_memory_allocated(x.device)
+
+
+def paired_median_ratio(times: list[float], baseline: list[float]) -> float:
+    return statistics.median(t / b for t, b in zip(times, baseline))
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device, compiled: bool) -> list[str]:
+    """Markdown table rows for one model in one mode (eager or compiled)."""
+    runs = variants(name, args.size, device, compiled)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, runs[BASELINE].model.num_classes, (args.batch,), device=device)
+    times = time_interleaved(runs, x, y, args.rounds, args.warmup)
+    saved = {label: saved_bytes(run, x, y) for label, run in runs.items()}
+    peak = {label: cuda_peak_bytes(run, x, y) for label, run in runs.items()} if device.type == "cuda" else None
+    state = state_bytes(runs[BASELINE].model)
+    mode = "compiled" if compiled else "eager"
+    rows = []
+    for label in runs:
+        if label == BASELINE:
+            continue
+        ratio = {clock: paired_median_ratio(times[label][clock], times[BASELINE][clock]) for clock in ("wall", "cpu")}
+        cells = [
+            name, mode, label, f"{1000 * statistics.median(times[BASELINE]['wall']):.0f}",
+            f"{ratio['wall']:.3f}", f"{ratio['cpu']:.3f}" if device.type == "cpu" else "-",
+            f"{saved[label] / saved[BASELINE]:.3f}",
+            f"{(saved[label] + state) / (saved[BASELINE] + state):.3f}",
+            f"{peak[label] / peak[BASELINE]:.3f}" if peak else "-",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants")
+    parser.add_argument("--quick", action="store_true", help="resnet18, batch 2 at 32x32, two rounds: checks the script runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch, args.size, args.rounds, args.warmup = ["resnet18"], 2, 32, 2, 1
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"torch {torch.__version__}, timm {timm.__version__}, icrewrite {icrewrite.__version__}, "
+          f"python {platform.python_version()}")
+    print(f"{hardware} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {args.threads} thread(s); "
+          f"train step (forward, backward, SGD) batch {args.batch} at {args.size}x{args.size}; "
+          f"{args.rounds} rounds, median of paired per-round ratios")
+    print("\n| model | mode | variant | original step (ms) | time ratio (wall) | time ratio (CPU) "
+          "| saved-activation ratio | peak est. ratio | CUDA peak ratio |\n|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for compiled in (False, True) if args.compile else (False,):
+            for row in measure(name, args, device, compiled):
+                print(row, flush=True)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The zoo sweep: one model per timm family that needed special handling, and the sweep machinery."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import timm
+import torch
+
+from icrewrite.testing import check_conversion
+from icrewrite.zoo import Entry, interleave_families, main, meta_check, read_results, real_check, run_isolated, write_report
+
+
+def timm_entry(name: str) -> Entry:
+    return Entry("timm", name, timm.models.model_entrypoint(name).__module__)
+
+
+# Each needed something the plain FX trace of the model does not give.
+SPECIAL = {
+    "gemma4_vit_167m_enc": "the model's own forward is untraceable: children one by one, stem by position",
+    "convit_tiny": "GPSA attention is an untraceable leaf: traced as scopes, layers inside probed on meta",
+    "mobilevit_xxs": "MobileVitBlock is a timm leaf that hides weight layers",
+    "nf_resnet26": "NormFreeBlock hides ScaledStdConv2d layers; no BatchNorm at all",
+    "hiera_tiny_224": "forward(x, mask=None): the head only runs when mask is None",
+    "crossvit_tiny_240": "two stems, each reading a resized copy of the input",
+    "efficientvit_m0": "cascaded group attention with shape-dependent control flow",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL))
+def test_special_family_plans_and_converts_on_meta(name):
+    record = meta_check(timm_entry(name))
+    assert record["status"] == "ok", record["gaps"]
+    assert record["ic"] + record["stem"] == record["weight_layers"]
+    assert not record["unseen"]
+
+
+def test_stems_found_through_weight_free_input_ops():
+    assert meta_check(timm_entry("crossvit_tiny_240"))["stem"] == 2  # resized input, one stem per branch
+    assert meta_check(timm_entry("gemma4_vit_167m_enc"))["stem"] == 1  # untraceable root, patchified input
+
+
+def test_weight_used_functionally_is_a_reported_gap():
+    """torchvision's MultiheadAttention passes out_proj.weight to a function: an IC on the
+    module would never run, so it is not inserted and the sweep says so."""
+    record = meta_check(Entry("torchvision", "vit_b_16", "torchvision.models.vision_transformer"))
+    assert record["status"] == "gap" and len(record["gaps"]) == 12
+    assert all("used functionally" in reason for reason in record["gaps"].values())
+
+
+@pytest.mark.parametrize("name,kwargs", [("convit_tiny", {"img_size": 32}), ("mobilevit_xxs", {}),
+                                         ("nf_resnet26", {})])
+def test_special_family_real_check(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    result = check_conversion(model, torch.randn(4, 3, 32, 32))
+    assert result.ok, result.failures
+
+
+def test_real_check_skips_models_over_the_budget_and_picks_a_small_input():
+    assert real_check(timm_entry("resnet50"), max_params=1e6)["status"] == "skipped"
+    record = real_check(timm_entry("vit_tiny_patch16_224"), max_params=10e6, img_size=32)
+    assert record["status"] == "ok" and record["input_size"] == [3, 32, 32], record["failures"]
+
+
+# --- the sweep machinery -------------------------------------------------------------------------
+
+def fake_check(entry: Entry) -> dict:
+    """Stands in for a model check: ``hang`` never returns, ``die`` kills its worker."""
+    if entry.name == "hang":
+        time.sleep(600)
+    if entry.name == "die":
+        os._exit(3)
+    if entry.name == "raise":
+        raise ValueError("broken model")
+    return {"status": "ok", "pid": os.getpid()}
+
+
+def test_hanging_and_crashing_models_are_recorded_and_the_sweep_goes_on():
+    entries = [Entry("timm", name, "fake") for name in ("a", "hang", "die", "raise", "b")]
+    records = {r["name"]: r for r in run_isolated(fake_check, entries, workers=2, timeout=5)}
+    assert {name: r["status"] for name, r in records.items()} == {
+        "a": "ok", "hang": "timeout", "die": "crash", "raise": "error", "b": "ok"}
+    assert "exit code 3" in records["die"]["reason"] and "broken model" in records["raise"]["reason"]
+    assert records["a"]["pid"] != os.getpid()
+
+
+def test_sweep_resumes_and_writes_the_report(tmp_path):
+    results, report = tmp_path / "zoo.jsonl", tmp_path / "coverage.md"
+    args = ["--timm", "--filter", "resnet18*", "--workers", "1", "--results", str(results), "--report", str(report)]
+    assert main(args) == 0
+    first = results.read_text().splitlines()
+    assert sorted(json.loads(line)["name"] for line in first) == ["resnet18", "resnet18d"]
+    assert main(args) == 0
+    assert results.read_text().splitlines() == first  # nothing run twice
+    text = report.read_text()
+    assert "timm: **2 / 2** models pass" in text and "`timm.models.resnet`" in text
+    assert f"timm {timm.__version__}" in text and f"torch {torch.__version__}" in text
+
+
+def test_report_lists_every_failure_with_its_reason(tmp_path):
+    records = [
+        {"mode": "meta", "source": "timm", "name": "good", "family": "timm.models.a", "status": "ok", "seconds": 1.0},
+        {"mode": "meta", "source": "timm", "name": "slow", "family": "timm.models.a", "status": "timeout",
+         "reason": "no result within 60 s", "seconds": 60.0},
+        {"mode": "meta", "source": "timm", "name": "holey", "family": "timm.models.b", "status": "gap",
+         "gaps": {"blocks.0.attn.qkv": "its weight is used functionally"}, "seconds": 1.0},
+        {"mode": "real", "source": "timm", "name": "good", "family": "timm.models.a", "status": "fail",
+         "reason": "head: input not normalised", "input_size": [3, 32, 32], "seconds": 3.0},
+    ]
+    write_report(records, tmp_path / "coverage.md", run_info="test run")
+    text = (tmp_path / "coverage.md").read_text()
+    assert "timm: **1 / 3** models pass" in text
+    assert "`slow` (timm, timeout): no result within 60 s" in text
+    assert "blocks.0.attn.qkv" in text and "its weight is used functionally" in text
+    assert "head: input not normalised" in text and "| `timm.models.b` | 1 | 0 | 1 |" in text
+
+
+def test_results_file_keeps_the_latest_record_per_model(tmp_path):
+    path = tmp_path / "zoo.jsonl"
+    lines = [{"mode": "meta", "source": "timm", "name": "m", "status": "timeout"},
+             {"mode": "meta", "source": "timm", "name": "m", "status": "ok"},
+             {"mode": "real", "source": "timm", "name": "m", "status": "fail"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = read_results(path)
+    assert records["meta", "timm", "m"]["status"] == "ok" and records["real", "timm", "m"]["status"] == "fail"
+
+
+def test_families_are_interleaved_for_partial_real_sweeps():
+    entries = [Entry("timm", n, f) for n, f in [("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B"), ("c1", "C")]]
+    assert [e.name for e in interleave_families(entries)] == ["a1", "b1", "c1", "a2", "a3"]
