@@ -1,15 +1,18 @@
 """onnxruntime CPU latency of an exported IC model relative to the exported original.
 
-For each model: a timm model (random weights, norms randomised), converted with
-``icrewrite.convert``; the original, the converted model folded (``export_onnx``'s
-default) and, for reference, unfolded (``fold=False``) are exported by ``export_onnx``
-with the same exporter at batch 1. The sessions run interleaved in one process, in
-alternating order; each round times one run of each, and the reported ratio is the
-median over rounds of ``t(IC) / t(original)`` from the same round, which cancels the
-load drift of a shared machine. It is a benchmark, not a test: nothing is asserted.
+For each model: a timm model (random weights, norms randomised) and its conversion by
+``icrewrite.convert`` (the graph's cost does not depend on the IC statistics). The
+original and the converted model are exported by ``export_onnx`` with the same exporter
+at batch 1, the converted one three ways: folded (the default), folded with border
+corrections (``border_correction=True``) and unfolded (``fold=False``). The sessions run
+interleaved in one process, in alternating order; each round times one run of each, and
+the reported ratio is the median over rounds of ``t(IC) / t(original)`` from the same
+round, which cancels the load drift of a shared machine. It is a benchmark, not a test:
+nothing is asserted.
 
     python benchmarks/onnx_latency.py                  # resnet50, mobilenetv3_large_100, efficientnet_b0
     python benchmarks/onnx_latency.py --quick          # resnet18 at 64x64, a few rounds
+    python benchmarks/onnx_latency.py --models mobilenetv3_large_100 --exclude '*conv_dw'
 """
 from __future__ import annotations
 
@@ -31,7 +34,13 @@ from icrewrite.export import EXPORTERS, export_onnx
 from icrewrite.testing import randomize_norms
 
 MODELS = ("resnet50", "mobilenetv3_large_100", "efficientnet_b0")
-VARIANTS = ("original", "folded", "unfolded")
+# export_onnx options of each exported graph
+VARIANTS: dict[str, dict[str, bool]] = {
+    "original": {},
+    "folded": {},
+    "border-corrected": {"border_correction": True},
+    "unfolded": {"fold": False},
+}
 
 
 def cpu_name() -> str:
@@ -52,17 +61,18 @@ def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_variants(name: str, size: int, exporter: str, folder: Path) -> dict[str, Path]:
-    """Export the original model and its IC conversion (folded and unfolded) with one exporter."""
+def export_variants(name: str, size: int, exporter: str, exclude: list[str], folder: Path) -> dict[str, Path]:
+    """Export the original model and the ``VARIANTS`` of its IC conversion with one exporter."""
     original = randomize_norms(timm.create_model(name, pretrained=False), seed=0).eval()
-    converted = randomize_norms(icrewrite.convert(original), seed=1)  # IC statistics away from identity
-    input_size = (3, size, size)
-    paths = {variant: folder / f"{name}-{variant}.onnx" for variant in VARIANTS}
-    common = dict(input_size=input_size, dynamic_batch=False, exporters=(exporter,))
-    export_onnx(original, paths["original"], **common)
-    report = export_onnx(converted, paths["folded"], **common)
-    export_onnx(converted, paths["unfolded"], fold=False, **common)
-    print(f"{name}: {report.fold.summary()}")
+    converted = icrewrite.convert(original, exclude=exclude)
+    paths = {}
+    for variant, options in VARIANTS.items():
+        paths[variant] = folder / f"{name}-{variant}.onnx"
+        model = original if variant == "original" else converted
+        report = export_onnx(model, paths[variant], input_size=(3, size, size), dynamic_batch=False,
+                             exporters=(exporter,), **options)
+        if report.fold and variant != "original":
+            print(f"{name} {variant}: {report.fold.summary()}")
     return paths
 
 
@@ -96,6 +106,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
                         help="exporter for all three graphs (default torchscript: same graphs, faster export)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="convert with this exclude pattern (repeatable), e.g. '*conv_dw'")
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64x64, 20 rounds: checks the script runs")
     args = parser.parse_args()
     if args.quick:
@@ -104,21 +116,23 @@ def main() -> None:
 
     print(f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, timm {timm.__version__}, "
           f"icrewrite {icrewrite.__version__}, python {platform.python_version()}")
+    if args.exclude:
+        print(f"converted with exclude={args.exclude}")
     print(f"{cpu_name()}, {args.threads} thread(s), input 1x3x{args.size}x{args.size}, exporter {args.exporter}, "
           f"{args.rounds} rounds (median of paired per-round ratios)")
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size), dtype=np.float32)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            paths = export_variants(name, args.size, args.exporter, Path(folder))
+            paths = export_variants(name, args.size, args.exporter, args.exclude, Path(folder))
             sessions = {variant: session(path, args.threads) for variant, path in paths.items()}
             times = time_interleaved(sessions, x, args.rounds, args.warmup)
-            rows.append((name, 1000 * statistics.median(times["original"]),
-                         paired_median_ratio(times["folded"], times["original"]),
-                         paired_median_ratio(times["unfolded"], times["original"])))
-    print(f"\n| model | original (ms) | IC folded / original | IC unfolded / original |\n|---|---|---|---|")
-    for name, ms, folded, unfolded in rows:
-        print(f"| {name} | {ms:.2f} | {folded:.3f} | {unfolded:.3f} |")
+            ratios = [paired_median_ratio(times[v], times["original"]) for v in list(VARIANTS)[1:]]
+            rows.append(f"| {name} | {1000 * statistics.median(times['original']):.2f} | "
+                        + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+    print("\n| model | original (ms) | " + " | ".join(f"IC {v} / original" for v in list(VARIANTS)[1:])
+          + " |\n|---|---|" + "---|" * (len(VARIANTS) - 1))
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,12 @@ class Parity:
 
 @dataclass
 class ExportReport:
-    """What :func:`export_onnx` wrote and how it was checked."""
+    """What :func:`export_onnx` wrote and how it was checked.
+
+    ``fold`` is None with ``fold=False``; ``parity`` is empty with ``verify=False``;
+    ``rejected`` maps each exporter tried before the one used to the reason it failed;
+    ``metadata`` is what the file's ``metadata_props`` hold.
+    """
 
     path: Path
     exporter: Exporter

@@ -5,8 +5,7 @@ resnet18/50 train steps) and what this path does instead:
 
 - ``bernoulli_`` draws one float per element, the largest single cost, and Dropout keeps
   that float mask for backward. Here only the *dropped* positions are drawn, as the
-  geometric gaps between them (about ``p * numel`` uniforms), zeroed with ``index_fill_``;
-  backward keeps only the seed of that draw and regenerates the positions.
+  geometric gaps between them (about ``p * numel`` uniforms), zeroed with ``index_fill_``.
 - training-mode ``native_batch_norm`` computes its statistics element by element in
   double precision on NCHW tensors, several times slower than its normalisation; here the
   same two-pass statistics (mean, then squared deviations) are vectorised row reductions,
@@ -15,10 +14,11 @@ resnet18/50 train steps) and what this path does instead:
   normalisation, affine and scale are one pass; no normalised or dropped-out copy is kept.
 
 Backward is one copy of the gradient with the dropped positions zeroed and
-``native_batch_norm_backward``. Both directions are ``torch.library`` custom operators,
-which ``torch.compile`` keeps whole. ``IC.forward`` uses the path in CPU training (see
-:func:`applies`); elsewhere it runs the reference modules (cuDNN and the fused CUDA
-dropout kernel serve them on GPUs).
+``native_batch_norm_backward``. Eager autograd keeps the dropped positions (``8p`` bytes
+per element); under ``torch.compile`` the path is a pair of ``torch.library`` custom
+operators, which it keeps whole, and backward draws the positions again from their seed.
+``IC.forward`` uses the path in CPU training (see :func:`applies`); elsewhere it runs the
+reference modules (cuDNN and the fused CUDA dropout kernel serve them on GPUs).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -103,43 +104,82 @@ def _batch_norm_train(
     return mean, var.add_(eps).rsqrt_()
 
 
-# Two custom operators rather than an autograd.Function: torch.compile keeps them opaque
-# (their fake kernels give the shapes) and calls the eager kernels, instead of tracing the
-# reference modules, whose per-element RNG Inductor generates far more slowly on CPU.
-@torch.library.custom_op("icrewrite::batch_norm_dropout", mutates_args=())
-def _forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float, eps: float,
+def _forward_kernel(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float, eps: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(output, batch mean, batch invstd, mask seed)``; the affine carries the dropout scale."""
+    """``(output, batch mean, batch invstd, dropped positions)``; the affine carries the dropout scale."""
     keep = 1.0 - p
     out = torch.empty_like(x)
     mean, invstd = _batch_norm_train(x, out, weight / keep, bias / keep, eps)
-    seed = torch.randint(2**62, (), dtype=torch.int64)  # from the default generator: torch.manual_seed applies
-    _flat(out).index_fill_(0, dropped_positions(out.numel(), p, int(seed), out.device), 0.0)
-    return out, mean, invstd, seed
+    dropped = dropped_positions(out.numel(), p, seed, out.device)
+    _flat(out).index_fill_(0, dropped, 0.0)
+    return out, mean, invstd, dropped
 
 
-@_forward.register_fake
+def _backward_kernel(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    dropped: torch.Tensor, p: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_forward_kernel`'s output for ``x``, ``weight`` and ``bias``."""
+    keep = 1.0 - p
+    kept_grad = torch.empty_like(x).copy_(grad)  # the layout of the forward output, which `dropped` indexes
+    _flat(kept_grad).index_fill_(0, dropped, 0.0)
+    grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+        kept_grad, x, weight / keep, None, None, mean, invstd, True, eps, [True, True, True])
+    return grad_x, grad_scale.div_(keep), grad_shift.div_(keep)
+
+
+def _draw_seed() -> int:
+    """A seed for the mask, from the default generator (so ``torch.manual_seed`` applies)."""
+    return int(torch.randint(2**62, (), dtype=torch.int64))
+
+
+class _BatchNormDropout(torch.autograd.Function):
+    """Eager autograd: backward keeps the dropped positions (``8p`` bytes per element)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, mean, invstd, dropped = _forward_kernel(x, weight, bias, p, eps, _draw_seed())
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x, weight, mean, invstd, dropped)
+        ctx.p, ctx.eps = p, eps
+        return out, mean, invstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return *_backward_kernel(grad, *ctx.saved_tensors, ctx.p, ctx.eps), None, None
+
+
+# For torch.compile: custom operators, which it keeps whole (fake kernels give the shapes)
+# instead of tracing into the data-dependent mask. Their outputs need static shapes, so
+# backward gets the seed of the mask and draws the positions again.
+@torch.library.custom_op("icrewrite::batch_norm_dropout", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = _draw_seed()
+    out, mean, invstd, _ = _forward_kernel(x, weight, bias, p, eps, seed)
+    return out, mean, invstd, torch.tensor(seed)
+
+
+@_forward_op.register_fake
 def _(x, weight, bias, p, eps):
     features = x.shape[1]
     return torch.empty_like(x), weight.new_empty(features), weight.new_empty(features), torch.empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("icrewrite::batch_norm_dropout_backward", mutates_args=())
-def _backward(
+def _backward_op(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_forward`'s output for ``x``, ``weight`` and ``bias``."""
-    keep = 1.0 - p
-    kept_grad = torch.empty_like(x).copy_(grad)  # the layout of the forward output, which the positions index
-    _flat(kept_grad).index_fill_(0, dropped_positions(x.numel(), p, int(seed), x.device), 0.0)
-    grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
-        kept_grad, x, weight / keep, None, None, mean, invstd, True, eps, [True, True, True])
-    return grad_x, grad_scale.div_(keep), grad_shift.div_(keep)
+    dropped = dropped_positions(x.numel(), p, int(seed), x.device)
+    return _backward_kernel(grad, x, weight, mean, invstd, dropped, p, eps)
 
 
-@_backward.register_fake
+@_backward_op.register_fake
 def _(grad, x, weight, mean, invstd, seed, p, eps):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
@@ -152,12 +192,11 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.p, ctx.eps = p, eps
 
 
-def _autograd_backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    grad_x, grad_weight, grad_bias = _backward(grad, *ctx.saved_tensors, ctx.p, ctx.eps)
-    return grad_x, grad_weight, grad_bias, None, None
+def _op_backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return *_backward_op(grad, *ctx.saved_tensors, ctx.p, ctx.eps), None, None
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -204,7 +243,10 @@ def batch_norm_dropout(
     For ``x`` of shape ``(N, C, *)`` on CPU and ``0 < p < 1``; updates the running
     statistics in place. Differentiable once in ``x``, ``weight`` and ``bias``.
     """
-    out, mean, invstd, _ = _forward(x, weight, bias, p, eps)
+    if torch.compiler.is_compiling():
+        out, mean, invstd, _ = _forward_op(x, weight, bias, p, eps)
+    else:
+        out, mean, invstd = _BatchNormDropout.apply(x, weight, bias, p, eps)
     count = x.numel() // x.shape[1]
     with torch.no_grad():  # the running statistics as BatchNorm updates them, with the unbiased variance
         running_mean.lerp_(mean, momentum)

@@ -55,10 +55,10 @@ class IC(nn.Module):
             inputs ``(*, C)`` such as ``(B, N, C)`` tokens.
         eps, momentum: as in ``nn.BatchNorm2d``.
 
-    In eval mode it is the per-feature affine map returned by :meth:`affine`. In eager
-    training it runs the fused path of :mod:`icrewrite.fast_ic` (same values, running
-    statistics and gradients; a cheaper mask); set ``fast = False`` on an instance or on
-    the class for the reference ``Dropout(BatchNorm(x))`` modules.
+    In eval mode it is the per-feature affine map returned by :meth:`affine`. In CPU
+    training it runs the fused path of :mod:`icrewrite.fast_ic` where that applies (same
+    values, running statistics and gradients; a cheaper mask); set ``fast = False`` on an
+    instance or on the class for the reference ``Dropout(BatchNorm(x))`` modules.
     """
 
     fast: bool = True
