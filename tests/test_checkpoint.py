@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from icrewrite import CheckpointError
 from icrewrite.checkpoint import (check, create_timm_model, example_input, fit_state_dict, load_model, read_config,
                                   read_state_dict, save)
 from icrewrite.testing import randomize_norms
+
+from pickles import Marker, Metadata
 from icrewrite.verify import TOLERANCE
 
 ARCH = "test_resnet"  # timm's own tiny ResNet (0.4M parameters)
@@ -27,29 +28,6 @@ SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": (3, 64, 64)
 
 def make_model() -> torch.nn.Module:
     return timm.create_model(ARCH, **SMALL)
-
-
-class Marker:
-    """Unpickling this creates ``path``: the proof that a pickle ran code."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
-class Metadata:
-    """A harmless object that is still not a tensor: weights_only refuses it."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,31 +27,10 @@ from icrewrite.cli import main
 from icrewrite.layers import IC
 from icrewrite.testing import randomize_norms
 
+from pickles import Marker, Metadata
+
 ARCH = "test_resnet"  # timm's own tiny ResNet (0.4M parameters)
 MODEL_ARGS = [ARCH, "--num-classes", "10"]
-
-
-class Marker:
-    """Unpickling this creates ``path``: the proof that a pickle ran code."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
-class Metadata:
-    """A harmless object that is still not a tensor: only --unsafe-pickle loads it."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,6 @@ from icrewrite.testing import randomize_norms
 P_VALUES = (0.05, 0.1, 0.3, 0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_pair(rho: float, samples: int) -> torch.Tensor:
     """``(2, samples)`` standard bivariate Gaussian with correlation ``rho``."""
     z = torch.randn(2, samples, dtype=torch.float64)
