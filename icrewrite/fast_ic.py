@@ -6,10 +6,10 @@ resnet18/50 train steps) and what this path does instead:
 - ``bernoulli_`` draws one float per element, the largest single cost, and Dropout keeps
   that float mask for backward. Here only the *dropped* positions are drawn, as the
   geometric gaps between them (about ``p * numel`` uniforms), zeroed with ``index_fill_``.
-- training-mode ``native_batch_norm`` computes its statistics element by element in
-  double precision on NCHW tensors, several times slower than its normalisation; here the
-  same two-pass statistics (mean, then squared deviations) are vectorised row reductions,
-  and ``native_batch_norm`` only normalises (its eval mode, given those statistics).
+- training-mode ``native_batch_norm`` computes its statistics of NCHW tensors several
+  times more slowly than it normalises; here the same two-pass statistics (mean, then
+  squared deviations) are vectorised row reductions, and ``native_batch_norm`` only
+  normalises (its eval mode, given those statistics).
 - the dropout scale ``1/q`` is folded into the affine (``gamma/q``, ``beta/q``), so
   normalisation, affine and scale are one pass; no normalised or dropped-out copy is kept.
 
@@ -159,6 +159,7 @@ class _BatchNormDropout(torch.autograd.Function):
 def _forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_forward_kernel` with the seed of its mask in place of the positions."""
     seed = _draw_seed()
     out, mean, invstd, _ = _forward_kernel(x, weight, bias, p, eps, seed)
     return out, mean, invstd, torch.tensor(seed)
@@ -175,6 +176,7 @@ def _backward_op(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward_kernel`, drawing the dropped positions again from ``seed``."""
     dropped = dropped_positions(x.numel(), p, int(seed), x.device)
     return _backward_kernel(grad, x, weight, mean, invstd, dropped, p, eps)
 
@@ -220,7 +222,7 @@ def _exporting(x: torch.Tensor) -> bool:
 def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fast path computes ``drop(norm(x))`` for this call.
 
-    True in eager training on CPU, for a plain affine BatchNorm that tracks running
+    True in CPU training (eager or compiled), for a plain affine BatchNorm that tracks running
     statistics (not SyncBatchNorm or another subclass with its own forward), an
     ``nn.Dropout`` with ``0 < p < 1``, more than one value per feature, and no hooks on
     either module.
