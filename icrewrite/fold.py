@@ -180,7 +180,7 @@ def _why_not_foldable(
     if is_linear or not _zero_padded(layer):
         return None
     if input_size is None:
-        return "zero-padded convolution: exact folding needs a fixed input size (border correction)"
+        return "zero-padded convolution: an exact fold needs a border correction at a fixed input size"
     if not shapes:
         return f"not called at input size {input_size}"
     if len(shapes) > 1:

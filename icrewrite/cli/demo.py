@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..demo import FULL, QUICK, run_demo
 from . import add_command, progress
 
 
@@ -26,6 +25,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..demo import FULL, QUICK, run_demo  # heavy: loaded only when the command runs
+
     result = run_demo(args.out, QUICK if args.quick else FULL, progress=args.progress, log=progress)
     print(result.comparison.table())
     print(result.onnx)
