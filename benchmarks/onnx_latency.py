@@ -32,6 +32,7 @@ from tqdm import tqdm
 import icrewrite
 from icrewrite.export import EXPORTERS, export_onnx
 from icrewrite.testing import randomize_norms
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 MODELS = ("resnet50", "mobilenetv3_large_100", "efficientnet_b0")
 # export_onnx options of each exported graph
@@ -41,16 +42,6 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "border-corrected": {"border_correction": True},
     "unfolded": {"fold": False},
 }
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def session(path: Path, threads: int) -> onnxruntime.InferenceSession:

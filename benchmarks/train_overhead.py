@@ -43,6 +43,7 @@ from torch import nn
 
 import icrewrite
 from icrewrite.layers import IC
+from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "vit_tiny_patch16_224")
 BASELINE = "original"
@@ -59,16 +60,6 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(x), y).backward()
         self.optimizer.step()
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def create(name: str, size: int) -> nn.Module:

@@ -275,8 +275,9 @@ def test_compile_trains_a_converted_resnet18():
     assert torch.isfinite(loss)
 
 
-def test_benchmark_runs_in_its_quick_configuration(capsys):
+def test_benchmark_runs_in_its_quick_configuration(capsys, monkeypatch):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its sibling modules import
     spec = importlib.util.spec_from_file_location("train_overhead", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
