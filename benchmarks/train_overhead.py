@@ -34,7 +34,6 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
