@@ -16,7 +16,13 @@ from torch import nn
 
 __all__ = ["clone_module"]
 
-_IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+_IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device})
+_EMPTY_CONTAINERS = frozenset({dict, OrderedDict, set, list})
+
+
+def _is_immutable(v: Any) -> bool:
+    """Exact immutable types, and tuples of them (``kernel_size``, ``padding``): shared, not copied."""
+    return type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
 
 
 def clone_module(root: nn.Module) -> nn.Module:
@@ -32,12 +38,12 @@ def clone_module(root: nn.Module) -> nn.Module:
         return memo[id(t)]
 
     def value(v: Any) -> Any:
-        if isinstance(v, _IMMUTABLE):
+        if _is_immutable(v):
             return v
+        if type(v) in _EMPTY_CONTAINERS and not v:  # hook dicts, non-persistent buffer sets
+            return type(v)()
         if isinstance(v, nn.Module):
             return module(v)
-        if type(v) in (dict, OrderedDict) and not v:
-            return type(v)()
         return copy.deepcopy(v, memo)
 
     def module(m: nn.Module) -> nn.Module:
@@ -49,7 +55,12 @@ def clone_module(root: nn.Module) -> nn.Module:
         memo[id(m)] = new
         state = {}
         for key, v in m.__dict__.items():
-            if key in ("_parameters", "_buffers"):
+            kind = type(v)
+            if kind in _IMMUTABLE:  # most attributes: flags, sizes, names
+                state[key] = v
+            elif kind in _EMPTY_CONTAINERS and not v:  # most of the dozen hook dicts
+                state[key] = kind()
+            elif key in ("_parameters", "_buffers"):
                 state[key] = {name: tensor(t) for name, t in v.items()}
             elif key == "_modules":
                 state[key] = {name: None if child is None else module(child) for name, child in v.items()}

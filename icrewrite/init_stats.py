@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from .layers import IC
 
-__all__ = ["activation_moments", "calibrate"]
+__all__ = ["activation_moments", "site_moments", "calibrate"]
 
 _QUADRATURE_POINTS = 48
 
@@ -46,6 +47,37 @@ def activation_moments(act: Callable[[torch.Tensor], torch.Tensor], mean: torch.
     m2 = (w * y * y).sum(0)
     var = (m2 - m1 * m1).clamp_min(1e-6)
     return m1.to(mean), var.to(mean)
+
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _activation_key(act: Activation, like: torch.Tensor) -> Hashable:
+    """Activations that compute the same function share a key: parameter-free modules of one
+    class and configuration (``inplace`` aside); anything else is its own."""
+    if isinstance(act, nn.Module) and next(iter([*act.parameters(), *act.buffers()]), None) is None:
+        config = tuple(sorted((k, v) for k, v in vars(act).items()
+                              if type(v) in _PLAIN and k not in ("training", "inplace")))
+        return type(act), config, like.dtype, like.device
+    return id(act)
+
+
+def site_moments(sites: Mapping[str, tuple[Activation, torch.Tensor, torch.Tensor]]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`activation_moments` for many sites ``name -> (act, mean, std)``, one quadrature
+    per distinct activation (a model has dozens of sites and a handful of activations)."""
+    groups: dict[Hashable, list[str]] = defaultdict(list)
+    for name, (act, mean, _) in sites.items():
+        groups[_activation_key(act, mean)].append(name)
+    moments = {}
+    for names in groups.values():
+        act = sites[names[0]][0]
+        mean, var = activation_moments(act, torch.cat([sites[n][1] for n in names]),
+                                       torch.cat([sites[n][2] for n in names]))
+        sizes = [sites[n][1].numel() for n in names]
+        moments.update(zip(names, zip(mean.split(sizes), var.split(sizes))))
+    return moments
 
 
 def _batches(data: Iterable | torch.Tensor) -> Iterable[torch.Tensor]:

@@ -150,7 +150,8 @@ def trace_scopes(model: nn.Module) -> list[Scope]:
                         for i, (name, child) in enumerate(module.named_children())]
         else:
             readers = _input_readers(graph, module) if is_model_input else set()
-            children = [(name, module.get_submodule(name), name in readers)
+            submodules = dict(module.named_modules())
+            children = [(name, submodules[name], name in readers)
                         for name in sorted({n.target for n in graph.nodes if n.op == "call_module"})]
         for name, child, reads_input in children:
             if is_weight_layer(child) and reads_input:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import icrewrite
-from icrewrite.init_stats import activation_moments
+from icrewrite.init_stats import activation_moments, site_moments
 from icrewrite.layers import IC, ICWeightLayer, attach_ic
 from icrewrite.testing import check_conversion, randomize_norms
 
@@ -74,6 +74,19 @@ def test_data_free_moments_match_monte_carlo():
         m, v = activation_moments(act, mean, std)
         torch.testing.assert_close(m, act(z).mean(0), atol=0.01, rtol=0.02)
         torch.testing.assert_close(v, act(z).var(0), atol=0.01, rtol=0.03)
+
+
+def test_site_moments_group_only_identical_activations():
+    """One quadrature per distinct activation gives each site what its own call gives."""
+    gen = torch.Generator().manual_seed(0)
+    sites = {f"s{i}": (act, torch.randn(4 + i, generator=gen), torch.rand(4 + i, generator=gen) + 0.5)
+             for i, act in enumerate([nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(0.1), nn.LeakyReLU(0.3),
+                                      nn.PReLU(8), nn.SiLU()])}
+    moments = site_moments(sites)
+    assert moments.keys() == sites.keys()
+    for name, (act, mean, std) in sites.items():
+        expected = activation_moments(act, mean, std)
+        torch.testing.assert_close(moments[name], expected, rtol=0, atol=0)
 
 
 # --- hand-built patterns ------------------------------------------------------------------------
