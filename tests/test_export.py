@@ -25,15 +25,6 @@ from icrewrite.testing import randomize_norms
 FAST = ("torchscript",)  # the dynamo exporter takes tens of seconds per timm model on a busy 2-core machine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two threads on a shared 2-core machine make convolutions many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def with_ic(layer: nn.Module, p: float = 0.05) -> nn.Module:
     num_features, feature_dim = weight_layer_features(layer)
     return attach_ic(layer, IC(num_features, p, feature_dim=feature_dim))
