@@ -5,14 +5,16 @@
   functionally (``F.linear(x, self.qkv.weight)``), so an IC on its input would never run;
 - every BatchNorm that feeds an activation (BN -> act, or a fused ``BatchNormAct2d``):
   whether it can be folded exactly into the weight layer that produces its input, or why not;
-- for data-free initialisation: which weight layers read ``act(BN(.))`` directly.
+- for data-free initialisation: which weight layers read ``act(BN(.))`` directly;
+- attention modules that use weight layers functionally but can be rerouted to call
+  them as modules (``attention.py``), so those layers get IC blocks too.
 
 Weight layers that no trace sees called (inside untraceable modules) are settled by one
 forward pass on ``meta`` tensors (``probe.py``).
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .attention import Reroute, find_reroute
 from .layers import ICWeightLayer, ic_base, is_weight_layer, weight_layer_features
 from .patterns import activation_of, fused_activation, is_batchnorm, through_passthrough
 from .probe import probe_weight_use
@@ -50,6 +53,7 @@ class Layer:
     functional: bool = False  # its parameters are read by get_attr (used outside its forward)
     has_ic: bool = False
     source: tuple[str, Activation] | None = None  # (BatchNorm name, activation) when input = act(BN(.))
+    routed_by: str | None = None  # not called as a module, until this attention module is rerouted
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Analysis:
     norms: list[NormBeforeAct]
     scopes: list[Scope]
     notes: list[tuple[str, str]] = field(default_factory=list)  # (module, message)
+    reroutes: dict[str, Reroute] = field(default_factory=dict)  # attention module -> its reroute
 
 
 def is_foldable_into(module: nn.Module) -> bool:
@@ -160,6 +165,32 @@ def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> None:
         layers[name].functional |= name in usage.weight_used_outside
 
 
+def _find_reroutes(model: nn.Module, layers: dict[str, Layer], scopes: list[Scope]) -> dict[str, Reroute]:
+    """Reroutes for the modules owning weight layers that no trace or probe saw called (their
+    weight used functionally, or the probe could not run), where one reroute covers all of
+    them; those layers are marked ``routed_by``."""
+    uncalled: dict[str, set[str]] = defaultdict(set)
+    for name, layer in layers.items():
+        if not layer.called:
+            uncalled[name.rpartition(".")[0]].add(name)
+    if not uncalled:
+        return {}
+    calls: dict[str, list[fx.Node]] = defaultdict(list)
+    for scope in scopes:
+        for node in scope.graph.nodes if scope.graph is not None else ():
+            if node.op == "call_module" and scope.qualname(node.target) in uncalled:
+                calls[scope.qualname(node.target)].append(node)
+    reroutes: dict[str, Reroute] = {}
+    for owner, names in uncalled.items():
+        reroute = find_reroute(model.get_submodule(owner), calls[owner])
+        covered = {f"{owner}.{child}" if owner else child for child in reroute.layers} if reroute else set()
+        if reroute is not None and names <= covered <= layers.keys():
+            reroutes[owner] = reroute
+            for name in names:
+                layers[name].routed_by = owner
+    return reroutes
+
+
 def analyse(model: nn.Module) -> Analysis:
     """Trace ``model`` and collect its weight layers and BatchNorm -> activation patterns."""
     layers: dict[str, Layer] = {}
@@ -179,4 +210,4 @@ def analyse(model: nn.Module) -> Analysis:
             notes.append((scope.prefix or "<model>", f"not traceable ({scope.error}); weight layers inside get IC, "
                           "BatchNorms inside are kept"))
     _probe_unseen(model, layers)
-    return Analysis(layers, norms, scopes, notes)
+    return Analysis(layers, norms, scopes, notes, _find_reroutes(model, layers, scopes))

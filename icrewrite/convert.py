@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from .attention import route
 from .clone import clone_module
 from .errors import ConversionError
-from .init_stats import activation_moments, calibrate
+from .init_stats import calibrate, site_moments
 from .layers import IC, attach_ic
 from .layouts import branch_end_module
 from .plan import Edit, Options, Plan, plan
@@ -60,7 +61,7 @@ def _norm_replacement(norm: nn.Module, edit: Edit) -> nn.Module:
 
 def _data_free_stats(model: nn.Module, the_plan: Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """IC input mean and variance for layers that read act(BN(.)), from that BN's affine."""
-    stats = {}
+    sites = {}
     assert the_plan.analysis is not None
     for edit in the_plan.edits:
         layer = the_plan.analysis.layers.get(edit.target) if edit.action == "insert-ic" else None
@@ -73,8 +74,8 @@ def _data_free_stats(model: nn.Module, the_plan: Plan) -> dict[str, tuple[torch.
         bias = getattr(norm, "bias", None)
         mean = bias.detach() if bias is not None else torch.zeros_like(norm.running_mean)
         std = weight.detach() if weight is not None else torch.ones_like(norm.running_var)
-        stats[edit.target] = activation_moments(layer.source[1], mean.float(), std.float())
-    return stats
+        sites[edit.target] = (layer.source[1], mean.float(), std.float())
+    return site_moments(sites)
 
 
 def _module_device(model: nn.Module, target: str) -> torch.device:
@@ -99,6 +100,10 @@ def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
             after = next((e for e in the_plan.edits if e.action == "insert-ic-after" and e.target == edit.into), None)
             ic = IC(after.features, opts.p, device=_module_device(model, edit.into)) if after else None
             replace_module(model, edit.into, branch_end_module(model.get_submodule(edit.into), act, ic))
+    for edit in the_plan.edits:
+        if edit.action == "route-through-module":
+            route(model.get_submodule(edit.target), the_plan.analysis.reroutes[edit.target], p=opts.p,
+                  preserve=opts.init == "preserve")
     for edit in the_plan.edits:
         if edit.action != "insert-ic":
             continue

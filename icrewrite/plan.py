@@ -5,6 +5,9 @@ A plan is made from the analysis (see ``analyse.py``) and the user's options:
 - ``fold-norm``: a BatchNorm before an activation, folded into the weight layer before it
   and replaced by ``nn.Identity`` (``replace-norm-act`` for timm's fused ``BatchNormAct2d``,
   replaced by its activation);
+- ``route-through-module``: an attention module that uses a weight layer's weight
+  functionally, made to call it as a module so that its IC block runs (``attention.py``);
+  done only when one of those layers gets an IC block;
 and notes for what is left as it was, with the reason (stem, head, excluded, kept BatchNorm).
 """
 from __future__ import annotations
@@ -58,9 +61,10 @@ class Options:
 class Edit:
     """One change to the model. ``param_delta`` is exact: ``verify`` measures the same."""
 
-    action: str  # "insert-ic" | "fold-norm" | "replace-norm-act" | "move-act" | "insert-ic-after"
+    # "insert-ic" | "fold-norm" | "replace-norm-act" | "move-act" | "insert-ic-after" | "route-through-module"
+    action: str
     target: str  # module name
-    features: int
+    features: int  # route-through-module: features of the IC block it adds on the attention input (0: none)
     param_delta: int
     detail: str
     into: str | None = None  # fold edits: the weight layer that absorbs the BatchNorm; move-act: the new place
@@ -101,10 +105,13 @@ class Plan:
     def summary(self) -> str:
         folded = self.count("fold-norm") + self.count("replace-norm-act")
         pct = 100.0 * self.param_delta / max(self.params_before, 1)
-        inserts = self.count("insert-ic") + self.count("insert-ic-after")
+        routes = [e for e in self.edits if e.action == "route-through-module"]
+        inserts = self.count("insert-ic") + self.count("insert-ic-after") + sum(e.features > 0 for e in routes)
         line = (f"{self.model}: {_n(inserts, 'IC block')} to insert, {_n(folded, 'BatchNorm')} to "
                 f"fold, {_n(len(self.notes), 'note')}; parameters {self.params_before:,} -> {self.params_after:,} "
                 f"({self.param_delta:+,}, {pct:+.2f}%)")
+        if routes:
+            line += f"; {_n(len(routes), 'attention module')} rerouted to call weight layers as modules"
         if self.present:
             line += f"; {_n(len(self.present), 'weight layer')} already with IC blocks"
         return line
@@ -165,7 +172,7 @@ def _skip_reason(layer: Layer, options: Options, heads: set[str]) -> str | None:
         return "classifier (head=False)"
     if not options.stem and layer.reads_model_input:
         return "stem: reads the model input (stem=False)"
-    if layer.functional and not layer.called:
+    if layer.functional and not layer.called and layer.routed_by is None:
         return "its weight is used functionally, never through the module: an IC block would not run"
     return None
 
@@ -184,6 +191,13 @@ def _fold_edit(norm: NormBeforeAct, producer: nn.Module) -> Edit:
                     f"folded into {norm.producer}, replaced by its {type(norm.module.act).__name__}", norm.producer)
     return Edit("fold-norm", norm.name, features, delta, f"folded into {norm.producer}, replaced by Identity",
                 norm.producer)
+
+
+def _route_edits(edits: list[Edit], analysis: Analysis) -> list[Edit]:
+    """A ``route-through-module`` edit for each attention module whose rerouted layers get an IC block."""
+    routed = {analysis.layers[e.target].routed_by for e in edits if e.action == "insert-ic"}
+    return [Edit("route-through-module", name, reroute.input_features, 2 * reroute.input_features, reroute.detail)
+            for name, reroute in analysis.reroutes.items() if name in routed]
 
 
 def plan(model: nn.Module, **options: Any) -> Plan:
@@ -220,10 +234,13 @@ def plan(model: nn.Module, **options: Any) -> Plan:
         else:
             source = f"statistics from {layer.source[0]}" if layer.source else "default statistics"
             where = "channels (dim 1)" if layer.feature_dim == 1 else "features (last dim)"
-            if not layer.called:
+            if layer.routed_by is not None:
+                source += f"; called as a module once {layer.routed_by} is rerouted"
+            elif not layer.called:
                 source += "; not seen in any trace"
             result.edits.append(Edit("insert-ic", layer.name, layer.features, 2 * layer.features,
                                      f"over {where}, {source}"))
+    result.edits.extend(_route_edits(result.edits, analysis))
     if opts.layout != LAYOUTS[0]:
         _plan_layout(result, [u for scope in analysis.scopes for u in residual_units(scope)])
     for where, message in analysis.notes:
