@@ -84,6 +84,24 @@ def _module_device(model: nn.Module, target: str) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
+class _ICFactory:
+    """New IC blocks, copied from one pristine prototype per shape, device and dtype.
+
+    A model has dozens of sites and few distinct shapes, and copying a block
+    (``clone_module``) costs a third of constructing one (``BatchNorm.__init__`` and its resets).
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self._prototypes: dict[tuple[Any, ...], IC] = {}
+
+    def __call__(self, features: int, feature_dim: int, device: torch.device, dtype: torch.dtype) -> IC:
+        key = (features, feature_dim, device, dtype)
+        if key not in self._prototypes:
+            self._prototypes[key] = IC(features, self.p, feature_dim=feature_dim, device=device, dtype=dtype)
+        return clone_module(self._prototypes[key])
+
+
 def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
     """Make the edits of ``the_plan`` on ``model`` in place."""
     opts = the_plan.options
@@ -104,13 +122,14 @@ def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
         if edit.action == "route-through-module":
             route(model.get_submodule(edit.target), the_plan.analysis.reroutes[edit.target], p=opts.p,
                   preserve=opts.init == "preserve")
+    new_ic = _ICFactory(opts.p)
     for edit in the_plan.edits:
         if edit.action != "insert-ic":
             continue
         layer = model.get_submodule(edit.target)
         info = the_plan.analysis.layers[edit.target]
         weight = next(layer.parameters())
-        ic = IC(info.features, opts.p, feature_dim=info.feature_dim, device=weight.device, dtype=weight.dtype)
+        ic = new_ic(info.features, info.feature_dim, weight.device, weight.dtype)
         ic.train(layer.training)
         if opts.init == "preserve" and weight.device.type != "meta":
             ic.set_identity(*stats.get(edit.target, (None, None)))

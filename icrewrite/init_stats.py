@@ -29,23 +29,26 @@ _QUADRATURE_POINTS = 48
 
 @functools.cache
 def _gauss_hermite() -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes and weights for E[f(z)], z ~ N(0, 1/2) scaled: sum(w * f(t)) approximates the mean."""
+    """Nodes ``(points, 1)`` and weights ``(points,)``: ``E[f(z)], z ~ N(0, 1)`` is about
+    ``sum(w * f(sqrt(2) t))``."""
     nodes, weights = np.polynomial.hermite.hermgauss(_QUADRATURE_POINTS)
-    return (torch.as_tensor(nodes, dtype=torch.float64)[:, None],
-            torch.as_tensor(weights, dtype=torch.float64)[:, None] / math.sqrt(math.pi))
+    return (torch.as_tensor(nodes * math.sqrt(2.0), dtype=torch.float32)[:, None],
+            torch.as_tensor(weights / math.sqrt(math.pi), dtype=torch.float32))
 
 
 @torch.no_grad()
 def activation_moments(act: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, std: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and variance of ``act(z)`` for ``z ~ N(mean, std^2)`` (Gauss-Hermite)."""
+    """Per-channel mean and variance of ``act(z)`` for ``z ~ N(mean, std^2)`` (Gauss-Hermite).
+
+    In float32, as activation modules hold float32 parameters (PReLU); the variance is taken
+    around the mean (two passes), which keeps it accurate when the mean dominates.
+    """
     t, w = _gauss_hermite()
-    mu, sigma = mean.detach().double().cpu(), std.detach().double().cpu().abs()
-    z = mu[None] + math.sqrt(2.0) * sigma[None] * t  # (points, channels): channels on dim 1
-    y = act(z.float()).double()  # float32: activation modules may hold float32 parameters (PReLU)
-    m1 = (w * y).sum(0)
-    m2 = (w * y * y).sum(0)
-    var = (m2 - m1 * m1).clamp_min(1e-6)
+    mu, sigma = mean.detach().float().cpu(), std.detach().float().cpu().abs()
+    y = act(torch.addcmul(mu, t, sigma))  # (points, channels): channels on dim 1
+    m1 = w @ y
+    var = (w @ (y - m1).square_()).clamp_min_(1e-6)
     return m1.to(mean), var.to(mean)
 
 
