@@ -281,3 +281,11 @@ def test_verify_reports_exact_parity_and_a_changed_function():
     with torch.no_grad():
         converted.fc.weight.mul_(1.1)
     assert not icrewrite.verify(model, converted, torch.randn(2, 3, 32, 32)).ok
+
+
+def test_convert_speed_benchmark_runs_in_its_quick_configuration():
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "convert_speed.py")
+    out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, check=True).stdout
+    row = next(line.split() for line in out.splitlines() if line.startswith("resnet18"))
+    create, convert, ratio = map(float, row[1:])
+    assert create > 0 and convert > 0 and 0.01 < ratio < 100
