@@ -8,9 +8,13 @@ import time
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from icrewrite import zoo
 from icrewrite.testing import check_conversion
-from icrewrite.zoo import Entry, interleave_families, main, meta_check, read_results, real_check, run_isolated, write_report
+from icrewrite.zoo import (Entry, _input_sizes, build_on_meta, interleave_families, main, meta_check, read_results,
+                           real_check, run_isolated, small_inputs, write_report)
 
 
 def timm_entry(name: str) -> Entry:
@@ -42,12 +46,24 @@ def test_stems_found_through_weight_free_input_ops():
     assert meta_check(timm_entry("gemma4_vit_167m_enc"))["stem"] == 1  # untraceable root, patchified input
 
 
-def test_weight_used_functionally_is_a_reported_gap():
-    """torchvision's MultiheadAttention passes out_proj.weight to a function: an IC on the
-    module would never run, so it is not inserted and the sweep says so."""
-    record = meta_check(Entry("torchvision", "vit_b_16", "torchvision.models.vision_transformer"))
-    assert record["status"] == "gap" and len(record["gaps"]) == 12
-    assert all("used functionally" in reason for reason in record["gaps"].values())
+class FunctionalHead(nn.Module):
+    """Passes ``fc.weight`` to ``F.linear`` instead of calling ``fc``, as attention blocks that
+    icrewrite does not reroute do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.mid, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.mid(self.stem(x)).mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+def test_weight_used_functionally_is_a_reported_gap(monkeypatch):
+    """An IC block on ``fc`` would never run, so none is inserted and the sweep says so."""
+    monkeypatch.setattr(zoo, "build", lambda entry, **kwargs: FunctionalHead())
+    record = meta_check(Entry("timm", "functional_head", "tests"))
+    assert record["status"] == "gap" and list(record["gaps"]) == ["fc"], record["gaps"]
+    assert "used functionally" in record["gaps"]["fc"] and record["ic"] == 1
 
 
 @pytest.mark.parametrize("name,kwargs", [("convit_tiny", {"img_size": 32}), ("mobilevit_xxs", {}),
@@ -60,9 +76,18 @@ def test_special_family_real_check(name, kwargs):
 
 
 def test_real_check_skips_models_over_the_budget_and_picks_a_small_input():
+    """botnet26t_256 has a fixed input size and a min_input_size of 224, yet built for 32x32 it runs there."""
     assert real_check(timm_entry("resnet50"), max_params=1e6)["status"] == "skipped"
-    record = real_check(timm_entry("vit_tiny_patch16_224"), max_params=10e6, img_size=32)
+    record = real_check(timm_entry("botnet26t_256"), max_params=15e6, img_size=32)
     assert record["status"] == "ok" and record["input_size"] == [3, 32, 32], record["failures"]
+
+
+def test_input_size_is_doubled_until_the_model_runs():
+    assert _input_sizes({"input_size": (3, 299, 299)}, 32) == [(3, 32, 32), (3, 64, 64), (3, 128, 128),
+                                                              (3, 256, 256), (3, 299, 299)]
+    entry = timm_entry("csatv2")  # at 32x32 a 2x2 conv meets a 1x1 feature map
+    sizes = small_inputs(entry, build_on_meta(entry)[0].pretrained_cfg, 32)
+    assert next(sizes)[1] == (3, 64, 64)
 
 
 # --- the sweep machinery -------------------------------------------------------------------------
@@ -89,10 +114,11 @@ def test_hanging_and_crashing_models_are_recorded_and_the_sweep_goes_on():
 
 def test_sweep_resumes_and_writes_the_report(tmp_path):
     results, report = tmp_path / "zoo.jsonl", tmp_path / "coverage.md"
-    args = ["--timm", "--filter", "resnet18*", "--workers", "1", "--results", str(results), "--report", str(report)]
+    args = ["--timm", "--filter", "resnet18*", "resnet18", "--workers", "1", "--results", str(results),
+            "--report", str(report)]
     assert main(args) == 0
     first = results.read_text().splitlines()
-    assert sorted(json.loads(line)["name"] for line in first) == ["resnet18", "resnet18d"]
+    assert sorted(json.loads(line)["name"] for line in first) == ["resnet18", "resnet18d"]  # each model once
     assert main(args) == 0
     assert results.read_text().splitlines() == first  # nothing run twice
     text = report.read_text()
