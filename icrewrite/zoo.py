@@ -136,7 +136,8 @@ def meta_check(entry: Entry) -> Record:
         "kept_norms": sum(n.reason.startswith("BatchNorm before an activation kept") for n in the_plan.notes),
         "scopes": len(analysis.scopes),
         "untraced_scopes": [s.prefix or "<model>" for s in analysis.scopes if s.graph is None],
-        "unseen": sorted(name for name in sites if not analysis.layers[name].called),
+        "unseen": sorted(name for name in sites
+                         if not analysis.layers[name].called and analysis.layers[name].routed_by is None),
         "gaps": gaps,
     }
 
