@@ -77,15 +77,19 @@ def _ic_deviation(ic: IC, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]
 
 
 def _reads(weight_input: torch.Tensor, output: torch.Tensor) -> bool:
-    """Whether a weight op's input is ``output`` itself: the same tensor, the same values
-    reshaped (timm's ``CondConv2d`` folds the batch into groups), or them zero-padded on the
-    borders (timm's ``Conv2dSame`` pads in its forward)."""
+    """Whether a weight op's input is ``output`` itself: the same tensor, or the same values
+    zero-padded on the borders (timm's ``Conv2dSame`` pads in its forward), and either one
+    reshaped (timm's ``CondConv2d`` folds the batch into the channels, ``(1, B * C, H, W)``)."""
     if weight_input is output:
         return True
     if weight_input.numel() == output.numel():
         return torch.equal(weight_input.reshape(-1), output.reshape(-1))
-    if weight_input.dim() != output.dim() or weight_input.shape[:2] != output.shape[:2]:
+    if weight_input.dim() != output.dim() or weight_input.dim() < 3:
         return False
+    if weight_input.shape[:2] != output.shape[:2]:
+        if weight_input.shape[0] * weight_input.shape[1] != output.shape[0] * output.shape[1]:
+            return False
+        weight_input = weight_input.reshape(*output.shape[:2], *weight_input.shape[2:])
     spatial = output.shape[2:]
     margins = [a - b for a, b in zip(weight_input.shape[2:], spatial)]
     if min(margins, default=0) < 0:

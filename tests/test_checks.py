@@ -145,8 +145,9 @@ def test_a_slightly_wrong_fold_fails_in_float64_too(monkeypatch):
     assert any(f.startswith("eval output changed") and "in float64" in f for f in result.failures), result.failures
 
 
-@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "efficientnet_cc_b0_4e"])
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "efficientnet_cc_b0_4e", "tf_efficientnet_cc_b0_4e"])
 def test_layers_that_pad_or_reshape_the_ic_output_pass(name):
-    """timm's Conv2dSame pads the IC output in its forward; CondConv2d folds the batch into groups."""
+    """timm's Conv2dSame pads the IC output in its forward; CondConv2d folds the batch into groups
+    (the tf_ CondConv model does both)."""
     result = check_conversion(timm.create_model(name, pretrained=False), torch.randn(4, 3, 32, 32))
     assert result.ok, result.failures
