@@ -375,8 +375,10 @@ def _mode_section(mode: str, records: list[Record]) -> list[str]:
     for source in SOURCES:
         mine = [r for r in records if r["source"] == source]
         if mine:
-            ok = sum(r["status"] in _PASSED[mode] for r in mine)
-            lines.append(f"- {source}: **{ok} / {len(mine)}** models pass ({100.0 * ok / len(mine):.1f}%)")
+            ok = sum(r["status"] == "ok" for r in mine)
+            checked = sum(r["status"] != "skipped" for r in mine)
+            skipped = f"; {len(mine) - checked} skipped" if checked < len(mine) else ""
+            lines.append(f"- {source}: **{ok} / {checked}** models pass ({100.0 * ok / max(checked, 1):.1f}%){skipped}")
     lines.append("- by status: " + ", ".join(f"{s} {n}" for s, n in status.most_common()))
     if mode == "meta":
         total = lambda key: sum(r.get(key, 0) for r in passed)
@@ -402,11 +404,12 @@ def _mode_section(mode: str, records: list[Record]) -> list[str]:
     families: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         families[record["family"]].append(record)
-    lines += ["| family | models | pass | fail |", "| --- | ---: | ---: | ---: |"]
+    lines += ["| family | models | pass | fail | skipped |", "| --- | ---: | ---: | ---: | ---: |"]
     for family in sorted(families):
         mine = families[family]
-        ok = sum(r["status"] in _PASSED[mode] for r in mine)
-        lines.append(f"| `{family}` | {len(mine)} | {ok} | {len(mine) - ok} |")
+        ok = sum(r["status"] == "ok" for r in mine)
+        skipped = sum(r["status"] == "skipped" for r in mine)
+        lines.append(f"| `{family}` | {len(mine)} | {ok} | {len(mine) - ok - skipped} | {skipped} |")
     failures = sorted((r for r in records if r["status"] not in _PASSED[mode]), key=lambda r: (r["family"], r["name"]))
     lines += ["", f"### Failures ({len(failures)})", ""]
     lines += [f"- `{r['name']}` ({r['source']}, {r['status']}): {_failure_reason(r)}" for r in failures] or ["None."]
