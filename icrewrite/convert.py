@@ -85,31 +85,39 @@ def _module_device(model: nn.Module, target: str) -> torch.device:
 
 
 class _ICFactory:
-    """New IC blocks, copied from one pristine prototype per shape, device and dtype.
+    """New IC blocks, copied from one prototype per shape, device and dtype.
 
     A model has dozens of sites and few distinct shapes, and copying a block
-    (``clone_module``) costs a third of constructing one (``BatchNorm.__init__`` and its resets).
+    (``clone_module``) costs a third of constructing one (``BatchNorm.__init__`` and its
+    resets). With ``identity``, prototypes are the identity in eval mode (``set_identity``
+    with default statistics), so the sites with no statistics of their own need nothing more.
     """
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, identity: bool) -> None:
         self.p = p
+        self.identity = identity
         self._prototypes: dict[tuple[Any, ...], IC] = {}
 
-    def __call__(self, features: int, feature_dim: int, device: torch.device, dtype: torch.dtype) -> IC:
-        key = (features, feature_dim, device, dtype)
+    def __call__(self, features: int, feature_dim: int, like: torch.Tensor, training: bool) -> IC:
+        key = (features, feature_dim, like.device, like.dtype, training)
         if key not in self._prototypes:
-            self._prototypes[key] = IC(features, self.p, feature_dim=feature_dim, device=device, dtype=dtype)
+            prototype = IC(features, self.p, feature_dim=feature_dim, device=like.device, dtype=like.dtype)
+            if self.identity and like.device.type != "meta":
+                prototype.set_identity()
+            self._prototypes[key] = prototype.train(training)
         return clone_module(self._prototypes[key])
 
 
 def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
     """Make the edits of ``the_plan`` on ``model`` in place."""
     opts = the_plan.options
-    stats = _data_free_stats(model, the_plan) if opts.init == "preserve" else {}
+    preserve = opts.init == "preserve"
+    stats = _data_free_stats(model, the_plan) if preserve else {}
+    modules = dict(model.named_modules())  # weight layers and norms: only the norms are replaced, once each
     for edit in the_plan.edits:
         if edit.action in ("fold-norm", "replace-norm-act"):
-            norm = model.get_submodule(edit.target)
-            fold_bn_into(model.get_submodule(edit.into), norm)
+            norm = modules[edit.target]
+            fold_bn_into(modules[edit.into], norm)
             replace_module(model, edit.target, _norm_replacement(norm, edit))
     for edit in the_plan.edits:
         if edit.action == "move-act":
@@ -121,18 +129,16 @@ def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
     for edit in the_plan.edits:
         if edit.action == "route-through-module":
             route(model.get_submodule(edit.target), the_plan.analysis.reroutes[edit.target], p=opts.p,
-                  preserve=opts.init == "preserve")
-    new_ic = _ICFactory(opts.p)
+                  preserve=preserve)
+    new_ic = _ICFactory(opts.p, identity=preserve)
     for edit in the_plan.edits:
         if edit.action != "insert-ic":
             continue
-        layer = model.get_submodule(edit.target)
+        layer = modules[edit.target]  # weight layers keep their place through the edits above
         info = the_plan.analysis.layers[edit.target]
-        weight = next(layer.parameters())
-        ic = new_ic(info.features, info.feature_dim, weight.device, weight.dtype)
-        ic.train(layer.training)
-        if opts.init == "preserve" and weight.device.type != "meta":
-            ic.set_identity(*stats.get(edit.target, (None, None)))
+        ic = new_ic(info.features, info.feature_dim, next(layer.parameters()), layer.training)
+        if edit.target in stats:
+            ic.set_identity(*stats[edit.target])
         attach_ic(layer, ic)
     return model
 
