@@ -17,9 +17,12 @@ synchronising.
 Memory: the bytes of the tensors autograd saves for backward in one step (seen through
 ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage): the activation
 memory that sets the peak of a training step. ``peak est.`` adds the model state that
-lives through the step (parameters, gradients, momentum). On CUDA the measured peak
-(``torch.cuda.max_memory_allocated``) is reported too. It is a benchmark, not a test:
-nothing is asserted.
+lives through the step (parameters, gradients, momentum). ``measured peak`` is the peak
+of a step as the machine sees it, temporaries included: on CUDA
+``torch.cuda.max_memory_allocated``; on Linux CPUs, in a fresh process where glibc hands
+freed blocks of 64 KiB and more back at once (so that the resident set follows the live
+tensors), how far a step raises the resident set (``VmHWM``, reset before the step, over
+``VmRSS``) plus the model state. It is a benchmark, not a test: nothing is asserted.
 
     python benchmarks/train_overhead.py                       # resnet18, resnet50, efficientnet_b0, vit_tiny
     python benchmarks/train_overhead.py --models resnet50 --compile
@@ -29,11 +32,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -138,22 +146,102 @@ def cuda_peak_bytes(run: Variant, x: torch.Tensor, y: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated(x.device)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def follow_live_memory() -> bool:
+    """Make glibc hand freed blocks of 64 KiB and more back at once, so that the resident set
+    follows the live tensors; whether the resident-set peak of a step can be measured here (Linux, glibc)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16))
+    except (OSError, AttributeError):
+        return False
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
+
+
+def resident_step_bytes(run: Variant, x: torch.Tensor, y: torch.Tensor) -> int:
+    """How far one train step raises the resident set above where it was before the step."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    before = _status_bytes("VmRSS")
+    run.step(x, y)
+    return _status_bytes("VmHWM") - before
+
+
+def sample_batch(args: argparse.Namespace, runs: dict[str, Variant], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random input batch and its labels (the same for every call: the generator is seeded)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    y = torch.randint(0, runs[BASELINE].model.num_classes, (args.batch,), generator=generator).to(device)
+    return x, y
+
+
 def paired_median_ratio(times: list[float], baseline: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(times, baseline))
 
 
-def measure(name: str, args: argparse.Namespace, device: torch.device, compiled: bool) -> list[str]:
-    """Markdown table rows for one model in one mode (eager or compiled)."""
+def quartiles(times: list[float], baseline: list[float]) -> str:
+    """The first and third quartile of the per-round ratios."""
+    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(times, baseline)], n=4)
+    return f"{q1:.2f}-{q3:.2f}"
+
+
+@dataclass
+class Measured:
+    """One model in one mode: per-round step times and memory of each variant."""
+
+    times: dict[str, dict[str, list[float]]]
+    saved: dict[str, int]
+    state: dict[str, int]
+    peak: dict[str, int] | None  # the measured peak of a step, model state included
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device, compiled: bool) -> Measured:
+    """Times and memory of the variants of one model in one mode (eager or compiled)."""
     runs = variants(name, args.size, device, compiled)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    y = torch.randint(0, runs[BASELINE].model.num_classes, (args.batch,), device=device)
+    x, y = sample_batch(args, runs, device)
     times = time_interleaved(runs, x, y, args.rounds, args.warmup)
     saved = {label: saved_bytes(run, x, y) for label, run in runs.items()}
+    state = {label: state_bytes(run.model) for label, run in runs.items()}
     peak = {label: cuda_peak_bytes(run, x, y) for label, run in runs.items()} if device.type == "cuda" else None
-    state = state_bytes(runs[BASELINE].model)
-    mode = "compiled" if compiled else "eager"
-    rows = []
-    for label in runs:
+    return Measured(times, saved, state, peak)
+
+
+def measure_resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Per model and variant, the measured peak of an eager CPU step: its resident-set rise plus
+    its model state. Empty where that cannot be measured; changes this process's allocator."""
+    if not follow_live_memory():
+        return {}
+    peaks = {}
+    for name in args.models:
+        runs = variants(name, args.size, torch.device("cpu"), compiled=False)
+        x, y = sample_batch(args, runs, torch.device("cpu"))
+        for run in runs.values():
+            run.step(x, y)  # momentum buffers exist from here on
+        peaks[name] = {label: state_bytes(run.model) + min(resident_step_bytes(run, x, y) for _ in range(2))
+                       for label, run in runs.items()}
+        del runs
+    return peaks
+
+
+def resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """:func:`measure_resident_peaks` in a fresh process (``--resident-peaks``), which has the allocator to itself."""
+    command = [sys.executable, __file__, "--resident-peaks", "--models", *args.models, "--batch", str(args.batch),
+               "--size", str(args.size), "--threads", str(args.threads)]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def rows(name: str, mode: str, measured: Measured, device: torch.device) -> list[str]:
+    """Markdown table rows for one model in one mode."""
+    times, saved, state, peak = measured.times, measured.saved, measured.state, measured.peak
+    result = []
+    for label in times:
         if label == BASELINE:
             continue
         ratio = {clock: paired_median_ratio(times[label][clock], times[BASELINE][clock]) for clock in ("wall", "cpu")}
@@ -161,11 +249,12 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, compiled:
             name, mode, label, f"{1000 * statistics.median(times[BASELINE]['wall']):.0f}",
             f"{ratio['wall']:.3f}", f"{ratio['cpu']:.3f}" if device.type == "cpu" else "-",
             f"{saved[label] / saved[BASELINE]:.3f}",
-            f"{(saved[label] + state) / (saved[BASELINE] + state):.3f}",
+            f"{(saved[label] + state[label]) / (saved[BASELINE] + state[BASELINE]):.3f}",
             f"{peak[label] / peak[BASELINE]:.3f}" if peak else "-",
+            quartiles(times[label]["wall"], times[BASELINE]["wall"]),
         ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+        result.append("| " + " | ".join(cells) + " |")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,10 +268,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants")
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2 at 32x32, two rounds: checks the script runs")
+    parser.add_argument("--resident-peaks", action="store_true", help=argparse.SUPPRESS)  # the child of resident_peaks
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch, args.size, args.rounds, args.warmup = ["resnet18"], 2, 32, 2, 1
     torch.set_num_threads(args.threads)
+    if args.resident_peaks:
+        print(json.dumps(measure_resident_peaks(args)))
+        return
     device = torch.device(args.device)
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -191,12 +284,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{hardware} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {args.threads} thread(s); "
           f"train step (forward, backward, SGD) batch {args.batch} at {args.size}x{args.size}; "
           f"{args.rounds} rounds, median of paired per-round ratios")
+    modes = (False, True) if args.compile else (False,)
+    results = {(name, compiled): measure(name, args, device, compiled) for name in args.models for compiled in modes}
+    if device.type == "cpu":
+        for name, peaks in resident_peaks(args).items():
+            results[name, False].peak = peaks
     print("\n| model | mode | variant | original step (ms) | time ratio (wall) | time ratio (CPU) "
-          "| saved-activation ratio | peak est. ratio | CUDA peak ratio |\n|---|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        for compiled in (False, True) if args.compile else (False,):
-            for row in measure(name, args, device, compiled):
-                print(row, flush=True)
+          "| saved-activation ratio | peak est. ratio | measured peak ratio | wall ratio q1-q3 |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
+    for (name, compiled), measured in results.items():
+        for row in rows(name, "compiled" if compiled else "eager", measured, device):
+            print(row)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -13,54 +13,70 @@ resnet18/50 train steps) and what this path does instead:
 - the dropout scale ``1/q`` is folded into the affine (``gamma/q``, ``beta/q``), so
   normalisation, affine and scale are one pass; no normalised or dropped-out copy is kept.
 
-Backward is one copy of the gradient with the dropped positions zeroed and
+Backward zeroes the dropped positions of the gradient and runs
 ``native_batch_norm_backward``. Eager autograd keeps the dropped positions (``8p`` bytes
 per element); under ``torch.compile`` the path is a pair of ``torch.library`` custom
 operators, which it keeps whole, and backward draws the positions again from their seed.
-``IC.forward`` uses the path in CPU training (see :func:`applies`); elsewhere it runs the
-reference modules (cuDNN and the fused CUDA dropout kernel serve them on GPUs).
+
+Before a plain convolution or ``Linear``, :func:`norm_dropout_layer` runs the IC block
+and the layer as one operator whose backward rebuilds the IC output (one normalisation
+pass) instead of keeping it for the layer's weight gradient: the memory of that output,
+the largest part of the IC block's cost in memory, is not held between forward and
+backward. ``IC.forward`` and ``ICWeightLayer.forward`` use these paths in CPU training
+(see :func:`applies` and :func:`layer_call`); elsewhere they run the reference modules
+(cuDNN and the fused CUDA dropout kernel serve them on GPUs).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["applies", "batch_norm_dropout", "norm_dropout", "dropped_positions"]
+__all__ = [
+    "applies", "batch_norm_dropout", "norm_dropout", "dropped_positions",
+    "ConvCall", "LinearCall", "LayerCall", "layer_call", "norm_dropout_layer",
+]
 
 # Where the row-reduction statistics beat native_batch_norm's on CPU (measured: 4x faster
 # at 16x64x24x24, 1.3x at 16x256x6x6; slower for rows of 3x3 and below 2**16 elements,
 # where the fixed cost of their few more ops dominates).
 _MIN_ROW = 16
 _MIN_NUMEL = 2**16
+# The one-pass variance E[x^2] - E[x]^2 loses about log2(1 + mean^2 / var) bits to
+# cancellation. Up to this ratio its float32 error stays within a few times that of two
+# passes (about 1e-7 relative on post-ReLU activations, where the ratio is about 2).
+_MAX_ONE_PASS_RATIO = 8.0
 
 
 def dropped_positions(numel: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sorted ``int64`` indices in ``[0, numel)``, each present independently with probability ``p``.
 
     A Bernoulli process drawn as the gaps between its successes: geometric variables
-    ``floor(log(1 - U) / log(1 - p))`` from float64 uniforms ``U``, about ``p * numel`` of
-    them, instead of one random number per element. The same ``seed`` gives the same
-    positions, so backward regenerates them instead of keeping them.
+    ``floor(log(1 - U) / log(1 - p)) + 1`` from float64 uniforms ``U``, about ``p * numel``
+    of them, instead of one random number per element. The same ``seed`` gives the same
+    positions, so backward can regenerate them instead of keeping them.
     """
     generator = torch.Generator(device).manual_seed(seed)
-    log_keep = math.log1p(-p)
+    per_log_keep = 1.0 / math.log1p(-p)
     expected = numel * p
     batch = int(expected + 6.0 * math.sqrt(expected * (1.0 - p))) + 16  # rarely needs a second batch
     chunks, last = [], -1.0
-    while last < numel:
-        log_uniform = torch.rand(batch, dtype=torch.float64, device=device, generator=generator).neg_().log1p_()
-        gaps = torch.div(log_uniform, log_keep, rounding_mode="floor").add_(1.0)
-        chunks.append(gaps.cumsum_(0).add_(last))
-        last = float(chunks[-1][-1])
-    positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    count = int(torch.searchsorted(positions, float(numel)))
-    return positions[:count].long()
+    while True:
+        uniform = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+        gaps = uniform.neg_().log1p_().mul_(per_log_keep).floor_().add_(1.0)
+        positions = gaps.cumsum_(0).add_(last)
+        count = int(torch.searchsorted(positions, float(numel)))
+        chunks.append(positions.narrow(0, 0, count))
+        if count < batch:
+            return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).long()
+        last = float(positions[-1])
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -75,58 +91,102 @@ def _row_stats_pay_off(x: torch.Tensor) -> bool:
         and x.numel() >= _MIN_NUMEL and x.numel() >= _MIN_ROW * x.shape[0] * x.shape[1])
 
 
-def _row_stats(x: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature batch mean and biased variance of a contiguous ``(N, C, *)`` tensor.
 
-    Two passes like ``native_batch_norm`` (mean, then squared deviations), as vectorised
-    reductions over the contiguous rows ``x[n, c]``. ``scratch`` (like ``x``) receives
-    the deviations.
+    Vectorised reductions over the contiguous rows ``x[n, c]``: one pass (row sums and sums
+    of squares, combined in float64) where ``E[x^2] - E[x]^2`` keeps its precision, else
+    two like ``native_batch_norm`` (:func:`_two_pass_row_stats`).
     """
     batch, features = x.shape[:2]
+    rows = x.view(batch, features, -1)
+    count = x.numel() // features
+    mean = rows.sum(2).sum(0, dtype=torch.float64).div_(count)
+    mean_square = mean.square()
+    var = torch.linalg.vector_norm(rows, dim=2).double().square_().sum(0).div_(count).sub_(mean_square)
+    if bool((mean_square > var * _MAX_ONE_PASS_RATIO).any()):
+        return _two_pass_row_stats(x)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def _two_pass_row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_row_stats` in two passes: the mean, then the squared deviations."""
+    batch, features = x.shape[:2]
     mean = x.mean((0, *range(2, x.dim())))
-    deviations = torch.sub(x, mean.view(features, *[1] * (x.dim() - 2)), out=scratch)
+    deviations = x - mean.view(features, *[1] * (x.dim() - 2))
     var = torch.linalg.vector_norm(deviations.view(batch, features, -1), dim=2).square_().mean(0)
     return mean, var.div_(x.numel() // (batch * features))
 
 
-def _batch_norm_train(
-    x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-mode BatchNorm of ``x`` into ``out``; returns the batch ``(mean, invstd)``."""
-    features = x.shape[1]
-    if not _row_stats_pay_off(x):
-        stats = weight.new_empty(features), weight.new_empty(features)
-        _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps, out=(out, *stats))
-        return mean, invstd
-    mean, var = _row_stats(x, out)
-    unused = weight.new_empty(0), weight.new_empty(0)
-    torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps, out=(out, *unused))
-    return mean, var.add_(eps).rsqrt_()
+def _batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature batch ``(mean, biased variance)`` of ``x``, in the dtype BatchNorm with ``weight`` keeps them.
+
+    Row reductions where they pay off, else training-mode ``native_batch_norm`` (whose
+    output is dropped; the variance is recovered from its ``invstd``).
+    """
+    if _row_stats_pay_off(x):
+        return _row_stats(x)
+    _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    return mean, invstd.pow_(-2).sub_(eps).clamp_min_(0.0)
+
+
+def _dropout_output(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    dropped: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """The IC output: ``x`` normalised with ``(mean, var)`` and mapped by ``scale`` and ``shift`` (the affine over the
+    keep probability) in one pass, the ``dropped`` positions zeroed. The same inputs give the same values."""
+    out = torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
+    _flat(out).index_fill_(0, dropped, 0.0)
+    return out
 
 
 def _forward_kernel(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float, eps: float, seed: int,
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p: float, eps: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(output, batch mean, batch invstd, dropped positions)``; the affine carries the dropout scale."""
-    keep = 1.0 - p
-    out = torch.empty_like(x)
-    mean, invstd = _batch_norm_train(x, out, weight / keep, bias / keep, eps)
-    dropped = dropped_positions(out.numel(), p, seed, out.device)
-    _flat(out).index_fill_(0, dropped, 0.0)
-    return out, mean, invstd, dropped
+    """``(output, batch mean, batch variance, dropped positions)`` of the IC block in training mode.
+
+    ``scale`` and ``shift`` are the BatchNorm affine divided by the keep probability ``1 - p``.
+    """
+    mean, var = _batch_stats(x, scale, shift, eps)
+    dropped = dropped_positions(x.numel(), p, seed, x.device)
+    return _dropout_output(x, scale, shift, mean, var, dropped, eps), mean, var, dropped
+
+
+def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tensor, *, owned: bool) -> torch.Tensor:
+    """``grad`` with the dropped positions zeroed, laid out like ``output`` (whose memory order ``dropped`` indexes).
+
+    In place when ``grad`` is ``owned`` (no one else holds it) and laid out like ``output``.
+    """
+    if not owned or grad.stride() != output.stride():
+        grad = torch.empty_like(output).copy_(grad)
+    _flat(grad).index_fill_(0, dropped, 0.0)
+    return grad
 
 
 def _backward_kernel(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-    dropped: torch.Tensor, p: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_forward_kernel`'s output for ``x``, ``weight`` and ``bias``."""
+    kept_grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    p: float, eps: float, needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for ``x`` and the BatchNorm weight and bias (where ``needs`` says) of :func:`_forward_kernel`'s output.
+
+    ``kept_grad`` is the output's gradient with the dropped positions zeroed.
+    """
     keep = 1.0 - p
-    kept_grad = torch.empty_like(x).copy_(grad)  # the layout of the forward output, which `dropped` indexes
-    _flat(kept_grad).index_fill_(0, dropped, 0.0)
+    invstd = var.add(eps).rsqrt_()
     grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
-        kept_grad, x, weight / keep, None, None, mean, invstd, True, eps, [True, True, True])
-    return grad_x, grad_scale.div_(keep), grad_shift.div_(keep)
+        kept_grad, x, scale, None, None, mean, invstd, True, eps, list(needs))
+    return grad_x, _div(grad_scale, keep), _div(grad_shift, keep)
+
+
+def _div(t: torch.Tensor | None, divisor: float) -> torch.Tensor | None:
+    return None if t is None else t.div_(divisor)
+
+
+def _scaled_affine(weight: torch.Tensor, bias: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BatchNorm affine with the dropout scale ``1 / (1 - p)`` folded in."""
+    keep = 1.0 - p
+    return torch.div(weight, keep), torch.div(bias, keep)
 
 
 def _draw_seed() -> int:
@@ -140,16 +200,19 @@ class _BatchNormDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, mean, invstd, dropped = _forward_kernel(x, weight, bias, p, eps, _draw_seed())
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(x, weight, mean, invstd, dropped)
+        scale, shift = _scaled_affine(weight, bias, p)
+        out, mean, var, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed())
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, scale, mean, var, dropped)
         ctx.p, ctx.eps = p, eps
-        return out, mean, invstd
+        return out, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        return *_backward_kernel(grad, *ctx.saved_tensors, ctx.p, ctx.eps), None, None
+        x, scale, mean, var, dropped = ctx.saved_tensors
+        kept_grad = _zero_dropped(grad, x, dropped, owned=False)  # the forward output was laid out like x
+        return *_backward_kernel(kept_grad, x, scale, mean, var, ctx.p, ctx.eps), None, None
 
 
 # For torch.compile: custom operators, which it keeps whole (fake kernels give the shapes)
@@ -161,8 +224,8 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_forward_kernel` with the seed of its mask in place of the positions."""
     seed = _draw_seed()
-    out, mean, invstd, _ = _forward_kernel(x, weight, bias, p, eps, seed)
-    return out, mean, invstd, torch.tensor(seed)
+    out, mean, var, _ = _forward_kernel(x, *_scaled_affine(weight, bias, p), p, eps, seed)
+    return out, mean, var, torch.tensor(seed)
 
 
 @_forward_op.register_fake
@@ -173,24 +236,25 @@ def _(x, weight, bias, p, eps):
 
 @torch.library.custom_op("icrewrite::batch_norm_dropout_backward", mutates_args=())
 def _backward_op(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_backward_kernel`, drawing the dropped positions again from ``seed``."""
     dropped = dropped_positions(x.numel(), p, int(seed), x.device)
-    return _backward_kernel(grad, x, weight, mean, invstd, dropped, p, eps)
+    kept_grad = _zero_dropped(grad, x, dropped, owned=False)
+    return _backward_kernel(kept_grad, x, torch.div(weight, 1.0 - p), mean, var, p, eps)
 
 
 @_backward_op.register_fake
-def _(grad, x, weight, mean, invstd, seed, p, eps):
+def _(grad, x, weight, mean, var, seed, p, eps):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, weight, _, p, eps = inputs
-    _, mean, invstd, seed = output
-    ctx.mark_non_differentiable(mean, invstd, seed)
-    ctx.save_for_backward(x, weight, mean, invstd, seed)
+    _, mean, var, seed = output
+    ctx.mark_non_differentiable(mean, var, seed)
+    ctx.save_for_backward(x, weight, mean, var, seed)
     ctx.p, ctx.eps = p, eps
 
 
@@ -199,6 +263,76 @@ def _op_backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> 
 
 
 _forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """A plain convolution (zero padding, not transposed): its forward and backward as aten calls."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def forward(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        no_output_padding = (0,) * len(self.stride)
+        return torch.convolution(y, weight, bias, self.stride, self.padding, self.dilation, False, no_output_padding,
+                                 self.groups)
+
+    def backward(self, grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                 needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for the input ``y``, ``weight`` and the bias, where ``needs`` says."""
+        return torch.ops.aten.convolution_backward(
+            grad, y, weight, [weight.shape[0]] if has_bias else None, self.stride, self.padding, self.dilation, False,
+            [0] * len(self.stride), self.groups, [needs[0], needs[1], has_bias and needs[2]])
+
+
+class LinearCall:
+    """``Linear`` on a 2-d input: its forward and backward as matrix products."""
+
+    def forward(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(y, weight, bias)
+
+    def backward(self, grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                 needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for the input ``y``, ``weight`` and the bias, where ``needs`` says."""
+        return (grad.mm(weight) if needs[0] else None, grad.t().mm(y) if needs[1] else None,
+                grad.sum(0) if has_bias and needs[2] else None)
+
+
+LayerCall = ConvCall | LinearCall
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LINEAR = LinearCall()
+
+
+class _NormDropoutLayer(torch.autograd.Function):
+    """``call(Dropout(BatchNorm(x)))``; backward rebuilds the IC output from ``x`` instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, p: float, eps: float,
+                call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale, shift = _scaled_affine(norm_weight, norm_bias, p)
+        y, mean, var, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed())
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, scale, shift, mean, var, dropped, weight)
+        ctx.p, ctx.eps, ctx.call, ctx.has_bias = p, eps, call, bias is not None
+        return call.forward(y, weight, bias), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        x, scale, shift, mean, var, dropped, weight = ctx.saved_tensors
+        norm_needs = ctx.needs_input_grad[:3]
+        y = _dropout_output(x, scale, shift, mean, var, dropped, ctx.eps)  # the forward's IC output, rebuilt
+        grad_y, grad_weight, grad_bias = ctx.call.backward(
+            grad, y, weight, ctx.has_bias, (any(norm_needs), *ctx.needs_input_grad[3:5]))
+        norm_grads = (None, None, None)
+        if any(norm_needs):
+            kept_grad = _zero_dropped(grad_y, y, dropped, owned=True)
+            del y, grad_y
+            norm_grads = _backward_kernel(kept_grad, x, scale, mean, var, ctx.p, ctx.eps, norm_needs)
+        return *norm_grads, grad_weight, grad_bias, None, None, None
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -219,8 +353,8 @@ def _exporting(x: torch.Tensor) -> bool:
         or isinstance(x, torch.fx.Proxy))
 
 
-def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the fast path computes ``drop(norm(x))`` for this call.
+def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor, feature_dim: int = 1) -> bool:
+    """Whether the fast path computes ``drop(norm(x))`` for this call (features along ``feature_dim`` of ``x``).
 
     True in CPU training (eager or compiled), for a plain affine BatchNorm that tracks running
     statistics (not SyncBatchNorm or another subclass with its own forward), an
@@ -232,8 +366,42 @@ def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor) -> bool:
         and isinstance(norm, _BatchNorm) and type(norm).forward is _BatchNorm.forward
         and norm.affine and norm.track_running_stats
         and type(drop) is nn.Dropout and 0.0 < drop.p < 1.0
-        and x.dim() >= 2 and x.numel() > x.shape[1]
+        and x.dim() >= 2 and x.numel() > x.shape[feature_dim]
         and not _hooked(norm) and not _hooked(drop))
+
+
+def layer_call(ic: nn.Module, layer: nn.Module, base: type[nn.Module]) -> LayerCall | None:
+    """How :func:`norm_dropout_layer` calls ``layer`` after its IC block ``ic``, or ``None`` where it does not fuse them.
+
+    ``base`` is the layer's class before the IC swap: a plain ``Conv1d/2d/3d`` (zero padding
+    given as sizes) or ``Linear`` fuses, subclasses with their own forward do not. Eager
+    calls only (``torch.compile`` and autocast see the two modules), and none where hooks
+    are registered on ``ic`` itself, which a fused call would skip. The IC's own fast path
+    must apply too (:func:`applies`).
+    """
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or _hooked(ic):
+        return None
+    if base is nn.Linear:
+        return _LINEAR
+    if base in _CONVOLUTIONS and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return ConvCall(layer.stride, layer.padding, layer.dilation, layer.groups)
+    return None
+
+
+def _count_batch(norm: _BatchNorm) -> float:
+    """Count the batch in ``norm.num_batches_tracked`` as ``_BatchNorm.forward`` does; the momentum of its update."""
+    norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+
+
+def _update_running_stats(
+    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int,
+    momentum: float,
+) -> None:
+    """BatchNorm's update of the running statistics from the batch ones (unbiased variance)."""
+    with torch.no_grad():
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
 def batch_norm_dropout(
@@ -246,19 +414,31 @@ def batch_norm_dropout(
     statistics in place. Differentiable once in ``x``, ``weight`` and ``bias``.
     """
     if torch.compiler.is_compiling():
-        out, mean, invstd, _ = _forward_op(x, weight, bias, p, eps)
+        out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
     else:
-        out, mean, invstd = _BatchNormDropout.apply(x, weight, bias, p, eps)
-    count = x.numel() // x.shape[1]
-    with torch.no_grad():  # the running statistics as BatchNorm updates them, with the unbiased variance
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_(invstd.pow(-2).sub_(eps).mul_(count / (count - 1)), momentum)
+        out, mean, var = _BatchNormDropout.apply(x, weight, bias, p, eps)
+    _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out
 
 
 def norm_dropout(norm: _BatchNorm, p: float, x: torch.Tensor) -> torch.Tensor:
     """``Dropout_p(norm(x))`` in training mode (see :func:`applies`), counting the batch as ``_BatchNorm.forward`` does."""
-    norm.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    momentum = _count_batch(norm)
     return batch_norm_dropout(
         x, norm.running_mean, norm.running_var, norm.weight, norm.bias, p=p, momentum=momentum, eps=norm.eps)
+
+
+def norm_dropout_layer(
+    norm: _BatchNorm, p: float, x: torch.Tensor, call: LayerCall, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``call`` (a weight layer with ``weight`` and ``bias``) on ``Dropout_p(norm(x))`` in training mode, as one operator.
+
+    What :func:`norm_dropout` then the layer compute, with the same values, running
+    statistics and gradients, but backward keeps only what rebuilds the IC output: ``x``
+    (which the operation before keeps anyway), per-feature statistics and the dropped
+    positions. Differentiable once.
+    """
+    momentum = _count_batch(norm)
+    out, mean, var = _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, p, norm.eps, call)
+    _update_running_stats(norm.running_mean, norm.running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return out

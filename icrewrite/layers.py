@@ -92,15 +92,18 @@ class IC(nn.Module):
         return self.drop.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = x if self.feature_dim == 1 else x.flatten(0, -2)
-        if self.fast and fast_ic.applies(self.norm, self.drop, features):
-            y = fast_ic.norm_dropout(self.norm, self.p, features)
+        if self.fast and fast_ic.applies(self.norm, self.drop, x, self.feature_dim):
+            y = fast_ic.norm_dropout(self.norm, self.p, self._features(x))
             return y if self.feature_dim == 1 else y.view(x.shape)
         if self.feature_dim == 1:
             x = self.norm(x)
         else:
             x = self.norm(x.flatten(0, -2)).reshape(x.shape)
         return self.drop(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the features along dim 1, as BatchNorm takes it: Linear inputs ``(*, C)`` flattened to ``(M, C)``."""
+        return x if self.feature_dim == 1 else x.flatten(0, -2)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)`` with ``IC(x) == scale * x + shift`` per feature in eval mode."""
@@ -142,12 +145,29 @@ def weight_layer_features(module: nn.Module) -> tuple[int, int]:
 
 
 class ICWeightLayer(nn.Module):
-    """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer."""
+    """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer.
+
+    In CPU training a plain convolution or ``Linear`` and its IC block run as one operator
+    (:func:`icrewrite.fast_ic.norm_dropout_layer`): the same values, statistics and
+    gradients, but backward rebuilds the IC output instead of keeping it.
+    """
 
     ic: IC
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return super().forward(self.ic(x), *args, **kwargs)
+        call = None if args or kwargs else self._fused_call(x)
+        if call is None:
+            return super().forward(self.ic(x), *args, **kwargs)
+        ic = self.ic
+        out = fast_ic.norm_dropout_layer(ic.norm, ic.p, ic._features(x), call, self.weight, self.bias)
+        return out if ic.feature_dim == 1 else out.view(*x.shape[:-1], out.shape[-1])
+
+    def _fused_call(self, x: torch.Tensor) -> fast_ic.LayerCall | None:
+        """How the fused operator calls this layer on ``x``; ``None`` where the IC block runs on its own."""
+        ic = self.ic
+        if not (ic.fast and type(ic).forward is IC.forward and fast_ic.applies(ic.norm, ic.drop, x, ic.feature_dim)):
+            return None
+        return fast_ic.layer_call(ic, self, ic_base(type(self)))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Rebuild through ic_class so that pickle (torch.save, multiprocessing) and
