@@ -15,16 +15,14 @@ forward pass on ``meta`` tensors (``probe.py``).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .attention import Reroute, find_reroute
 from .layers import ICWeightLayer, ic_base, is_weight_layer, weight_layer_features
-from .patterns import activation_of, fused_activation, is_batchnorm, through_passthrough
+from .patterns import Activation, activation_of, fused_activation, is_batchnorm, through_passthrough
 from .probe import probe_weight_use
 from .trace import Scope, trace_scopes
 
@@ -37,7 +35,6 @@ FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
 )
 _FOLDABLE_TIMM_NAMES = {"Conv2dSame"}
 
-Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass

@@ -37,15 +37,6 @@ def clone_module(root: nn.Module) -> nn.Module:
             memo[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
         return memo[id(t)]
 
-    def value(v: Any) -> Any:
-        if _is_immutable(v):
-            return v
-        if type(v) in _EMPTY_CONTAINERS and not v:  # hook dicts, non-persistent buffer sets
-            return type(v)()
-        if isinstance(v, nn.Module):
-            return module(v)
-        return copy.deepcopy(v, memo)
-
     def module(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
@@ -55,17 +46,18 @@ def clone_module(root: nn.Module) -> nn.Module:
         memo[id(m)] = new
         state = {}
         for key, v in m.__dict__.items():
-            kind = type(v)
-            if kind in _IMMUTABLE:  # most attributes: flags, sizes, names
+            if _is_immutable(v):  # most attributes: flags, sizes, names
                 state[key] = v
-            elif kind in _EMPTY_CONTAINERS and not v:  # most of the dozen hook dicts
-                state[key] = kind()
+            elif type(v) in _EMPTY_CONTAINERS and not v:  # most of the dozen hook dicts
+                state[key] = type(v)()
             elif key in ("_parameters", "_buffers"):
                 state[key] = {name: tensor(t) for name, t in v.items()}
             elif key == "_modules":
                 state[key] = {name: None if child is None else module(child) for name, child in v.items()}
+            elif isinstance(v, nn.Module):
+                state[key] = module(v)
             else:
-                state[key] = value(v)
+                state[key] = copy.deepcopy(v, memo)
         new.__dict__.update(state)
         return new
 

@@ -12,15 +12,17 @@ by Gauss-Hermite quadrature for any elementwise activation.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from .layers import IC
+from .patterns import Activation
 
 __all__ = ["activation_moments", "site_moments", "calibrate"]
 
@@ -37,7 +39,7 @@ def _gauss_hermite() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def activation_moments(act: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor, std: torch.Tensor
+def activation_moments(act: Activation, mean: torch.Tensor, std: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and variance of ``act(z)`` for ``z ~ N(mean, std^2)`` (Gauss-Hermite).
 
@@ -52,14 +54,13 @@ def activation_moments(act: Callable[[torch.Tensor], torch.Tensor], mean: torch.
     return m1.to(mean), var.to(mean)
 
 
-Activation = Callable[[torch.Tensor], torch.Tensor]
 _PLAIN = (int, float, bool, str, type(None))
 
 
 def _activation_key(act: Activation, like: torch.Tensor) -> Hashable:
     """Activations that compute the same function share a key: parameter-free modules of one
     class and configuration (``inplace`` aside); anything else is its own."""
-    if isinstance(act, nn.Module) and next(iter([*act.parameters(), *act.buffers()]), None) is None:
+    if isinstance(act, nn.Module) and next(itertools.chain(act.parameters(), act.buffers()), None) is None:
         config = tuple(sorted((k, v) for k, v in vars(act).items()
                               if type(v) in _PLAIN and k not in ("training", "inplace")))
         return type(act), config, like.dtype, like.device

@@ -22,7 +22,10 @@ __all__ = [
     "bn_affine",
     "is_passthrough",
     "through_passthrough",
+    "Activation",
 ]
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
 
 _FROZEN_BN_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
 _PASSTHROUGH = {"DropBlock2d", "DropPath"}
@@ -74,7 +77,7 @@ def is_activation_module(module: nn.Module) -> bool:
     return mod == "torch.nn.modules.activation" or mod.startswith("timm.layers.activations")
 
 
-def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Activation | None:
     """The elementwise activation that ``node`` applies, as a callable on tensors, or None."""
     if node.op == "call_module":
         module = modules.get(node.target)
