@@ -367,6 +367,12 @@ def _failure_reason(record: Record) -> str:
     return f"{record.get('reason')}" + (f" ({record['where']})" if record.get("where") else "")
 
 
+def _tally(records: list[Record]) -> tuple[int, int, int]:
+    """``(passed, failed, skipped)``: records that are ``ok``, that checked something and are not, and ``skipped``."""
+    status = Counter(r["status"] for r in records)
+    return status["ok"], len(records) - status["ok"] - status["skipped"], status["skipped"]
+
+
 def _mode_section(mode: str, records: list[Record]) -> list[str]:
     """Markdown for one mode: totals, per-family table, every failure with its reason."""
     status = Counter(r["status"] for r in records)
@@ -375,10 +381,10 @@ def _mode_section(mode: str, records: list[Record]) -> list[str]:
     for source in SOURCES:
         mine = [r for r in records if r["source"] == source]
         if mine:
-            ok = sum(r["status"] == "ok" for r in mine)
-            checked = sum(r["status"] != "skipped" for r in mine)
-            skipped = f"; {len(mine) - checked} skipped" if checked < len(mine) else ""
-            lines.append(f"- {source}: **{ok} / {checked}** models pass ({100.0 * ok / max(checked, 1):.1f}%){skipped}")
+            ok, failed, skipped = _tally(mine)
+            checked = ok + failed
+            note = f"; {skipped} skipped" if skipped else ""
+            lines.append(f"- {source}: **{ok} / {checked}** models pass ({100.0 * ok / max(checked, 1):.1f}%){note}")
     lines.append("- by status: " + ", ".join(f"{s} {n}" for s, n in status.most_common()))
     if mode == "meta":
         total = lambda key: sum(r.get(key, 0) for r in passed)
@@ -406,10 +412,8 @@ def _mode_section(mode: str, records: list[Record]) -> list[str]:
         families[record["family"]].append(record)
     lines += ["| family | models | pass | fail | skipped |", "| --- | ---: | ---: | ---: | ---: |"]
     for family in sorted(families):
-        mine = families[family]
-        ok = sum(r["status"] == "ok" for r in mine)
-        skipped = sum(r["status"] == "skipped" for r in mine)
-        lines.append(f"| `{family}` | {len(mine)} | {ok} | {len(mine) - ok - skipped} | {skipped} |")
+        ok, failed, skipped = _tally(families[family])
+        lines.append(f"| `{family}` | {ok + failed + skipped} | {ok} | {failed} | {skipped} |")
     failures = sorted((r for r in records if r["status"] not in _PASSED[mode]), key=lambda r: (r["family"], r["name"]))
     lines += ["", f"### Failures ({len(failures)})", ""]
     lines += [f"- `{r['name']}` ({r['source']}, {r['status']}): {_failure_reason(r)}" for r in failures] or ["None."]
