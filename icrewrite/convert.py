@@ -20,7 +20,8 @@ from .errors import ConversionError
 from .init_stats import calibrate, site_moments
 from .layers import IC, attach_ic
 from .layouts import branch_end_module
-from .plan import Edit, Options, Plan, plan
+from .plan import Edit, Options, Plan
+from .plan import plan as make_plan
 
 __all__ = ["convert", "apply", "fold_bn_into"]
 
@@ -155,6 +156,7 @@ def convert(
     inplace: bool = False,
     calibration: Iterable | torch.Tensor | None = None,
     calibration_batches: int = 8,
+    plan: Plan | None = None,
 ) -> nn.Module:
     """Rewrite ``model`` into an IC network; returns a model of the same class.
 
@@ -170,13 +172,18 @@ def convert(
     ``ic-conv-relu`` and ``conv-relu-ic`` need ``init="fresh"``, see ``layouts.py``).
     ``model`` is untouched unless ``inplace=True``. Converting a converted model changes
     nothing; a partially converted one is an error.
+
+    ``plan``: what ``icrewrite.plan(model, **options)`` returned for this model, to
+    convert by it instead of tracing the model again; its options apply.
     """
-    options = Options(p=p, init=init, stem=stem, head=head, exclude=tuple([exclude] if isinstance(exclude, str)
-                                                                            else exclude), layout=layout)
+    options = Options(p=p, init=init, stem=stem, head=head, exclude=exclude, layout=layout)
+    if plan is not None:
+        _check_given_plan(plan, model, options)
+        options = plan.options
     if calibration is not None and options.init != "preserve":
         raise ConversionError("calibration sets statistics that preserve the function; it needs init='preserve'")
     target = model if inplace else clone_module(model)
-    the_plan = plan(target, _options=options)
+    the_plan = plan if plan is not None else make_plan(target, _options=options)
     if the_plan.present and the_plan.count("insert-ic"):
         raise ConversionError(
             f"{the_plan.model} is partially converted: {len(the_plan.present)} weight layers already have IC "
@@ -189,6 +196,17 @@ def convert(
         calibrate(target, calibration, max_batches=calibration_batches)
     target.icrewrite_options = options.to_dict()
     return target
+
+
+def _check_given_plan(given: Plan, model: nn.Module, options: Options) -> None:
+    """A plan given to ``convert`` must be this model's, and options given beside it must be its own."""
+    if options not in (Options(), given.options):
+        raise ConversionError(f"convert got a plan made with {given.options.to_dict()} and the options "
+                              f"{options.to_dict()}; give the options to plan() only")
+    params = sum(p.numel() for p in model.parameters())
+    if params != given.params_before:
+        raise ConversionError(f"the plan was made for a model with {given.params_before:,} parameters "
+                              f"({given.model}), not this one with {params:,}")
 
 
 def options_of(model: nn.Module) -> dict[str, Any] | None:

@@ -284,7 +284,7 @@ def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **opti
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     the_plan = plan(model, **options)
-    converted = convert(model, **options)
+    converted = convert(model, plan=the_plan)
     if type(converted) is not type(model):
         fail(f"class changed: {type(converted).__name__}")
     after = model.state_dict()

@@ -116,7 +116,7 @@ def meta_check(entry: Entry) -> Record:
     """
     model, device = build_on_meta(entry)
     the_plan = plan(model)
-    converted = convert(model)
+    converted = convert(model, plan=the_plan)
     stem = {n.target for n in the_plan.notes if n.reason.startswith("stem")}
     sites = {e.target for e in the_plan.edits if e.action == "insert-ic"}
     layers = [name for name, m in converted.named_modules() if is_weight_layer(m)]

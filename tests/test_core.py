@@ -205,6 +205,26 @@ def test_convert_is_a_copy_unless_inplace():
     assert icrewrite.convert(model, inplace=True) is model and isinstance(model.fc, ICWeightLayer)
 
 
+def test_convert_by_a_given_plan_does_not_plan_again(monkeypatch):
+    model = randomize_norms(timm_model("resnet18")).eval()
+    the_plan = icrewrite.plan(model, p=0.1, exclude="layer4*")
+    expected = icrewrite.convert(model, p=0.1, exclude="layer4*")
+
+    def plan_again(*args, **kwargs):
+        raise AssertionError("convert traced the model again")
+
+    monkeypatch.setattr(sys.modules["icrewrite.convert"], "make_plan", plan_again)  # the module, not the function
+    converted = icrewrite.convert(model, plan=the_plan)
+    assert converted.icrewrite_options == expected.icrewrite_options and converted.icrewrite_options["p"] == 0.1
+    assert converted.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), expected.state_dict().values()))
+    assert not isinstance(converted.layer4[0].conv1, ICWeightLayer)
+    with pytest.raises(icrewrite.ConversionError, match="give the options to plan"):
+        icrewrite.convert(model, p=0.2, plan=the_plan)
+    with pytest.raises(icrewrite.ConversionError, match="made for a model with"):
+        icrewrite.convert(timm_model("resnet34"), plan=the_plan)
+
+
 def test_converting_twice_changes_nothing_and_partial_is_an_error():
     model = randomize_norms(timm_model("resnet18")).eval()
     once = icrewrite.convert(model)
