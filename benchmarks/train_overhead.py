@@ -5,7 +5,10 @@ trained with the same step (forward, cross-entropy, backward, SGD with momentum)
 same random batch. Three variants: ``original``, ``IC`` (the fast IC path of
 ``icrewrite.fast_ic``, the default) and ``IC reference`` (``IC.fast = False``: the
 BatchNorm + Dropout modules, which ``torch.compile`` traces and Inductor fuses). With
-``--compile`` each variant is also timed wrapped in ``torch.compile``.
+``--compile`` each variant is also timed wrapped in ``torch.compile``. With ``--floors``, two
+models that are not IC networks bound the cost from below: the conversion with its IC
+blocks in eval mode (one normalisation pass with fixed statistics and its backward: less
+work than any training-mode IC block, whatever its kernels) and with them removed.
 
 Time: the variants run interleaved in one process, one step each per round, in
 alternating order; the ratio is the median over rounds of ``t(IC) / t(original)`` from
@@ -26,6 +29,7 @@ tensors), how far a step raises the resident set (``VmHWM``, reset before the st
 
     python benchmarks/train_overhead.py                       # resnet18, resnet50, efficientnet_b0, vit_tiny
     python benchmarks/train_overhead.py --models resnet50 --compile
+    python benchmarks/train_overhead.py --models resnet50 --floors  # with the floors of the IC cost
     python benchmarks/train_overhead.py --quick               # a tiny smoke run
 """
 from __future__ import annotations
@@ -77,16 +81,33 @@ def create(name: str, size: int) -> nn.Module:
         return timm.create_model(name, pretrained=False)
 
 
-def variants(name: str, size: int, device: torch.device, compiled: bool) -> dict[str, Variant]:
-    """The original model, its IC conversion (fast path) and the IC reference path."""
+def with_ic_blocks(model: nn.Module, role: str) -> nn.Module:
+    """``model`` (converted) with every IC block in a ``role``: ``reference`` (the BatchNorm
+    and Dropout modules), or one of the floors: ``eval`` (normalisation by the running
+    statistics, no batch statistics, no mask: less work than any train-mode IC block) and
+    ``removed`` (the identity: what the conversion's other edits cost)."""
+    for block in model.modules():
+        if isinstance(block, IC):
+            block.fast = False  # the modules' own forward, which the roles below change
+            if role == "eval":
+                block.norm.eval()
+                block.drop.eval()
+            elif role == "removed":
+                block.norm, block.drop = nn.Identity(), nn.Identity()
+    return model
+
+
+def variants(name: str, size: int, device: torch.device, compiled: bool, floors: bool = False) -> dict[str, Variant]:
+    """The original model, its IC conversion (fast path) and the IC reference path; with ``floors``
+    also the conversion with its IC blocks in eval mode and removed (see :func:`with_ic_blocks`)."""
     torch.manual_seed(0)
     original = create(name, size).to(device).train()
     converted = icrewrite.convert(original)
-    reference = copy.deepcopy(converted)
-    for block in reference.modules():
-        if isinstance(block, IC):
-            block.fast = False
-    models = {BASELINE: original, "IC": converted, "IC reference": reference}
+    models = {BASELINE: original, "IC": converted,
+              "IC reference": with_ic_blocks(copy.deepcopy(converted), "reference")}
+    if floors:
+        models["floor: IC blocks in eval mode"] = with_ic_blocks(copy.deepcopy(converted), "eval")
+        models["floor: IC blocks removed"] = with_ic_blocks(copy.deepcopy(converted), "removed")
     if compiled:
         models = {label: torch.compile(model) for label, model in models.items()}
     return {label: Variant(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
@@ -204,7 +225,7 @@ class Measured:
 
 def measure(name: str, args: argparse.Namespace, device: torch.device, compiled: bool) -> Measured:
     """Times and memory of the variants of one model in one mode (eager or compiled)."""
-    runs = variants(name, args.size, device, compiled)
+    runs = variants(name, args.size, device, compiled, args.floors)
     x, y = sample_batch(args, runs, device)
     times = time_interleaved(runs, x, y, args.rounds, args.warmup)
     saved = {label: saved_bytes(run, x, y) for label, run in runs.items()}
@@ -220,7 +241,7 @@ def measure_resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]
         return {}
     peaks = {}
     for name in args.models:
-        runs = variants(name, args.size, torch.device("cpu"), compiled=False)
+        runs = variants(name, args.size, torch.device("cpu"), compiled=False, floors=args.floors)
         x, y = sample_batch(args, runs, torch.device("cpu"))
         for run in runs.values():
             run.step(x, y)  # momentum buffers exist from here on
@@ -233,7 +254,7 @@ def measure_resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]
 def resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     """:func:`measure_resident_peaks` in a fresh process (``--resident-peaks``), which has the allocator to itself."""
     command = [sys.executable, __file__, "--resident-peaks", "--models", *args.models, "--batch", str(args.batch),
-               "--size", str(args.size), "--threads", str(args.threads)]
+               "--size", str(args.size), "--threads", str(args.threads), *(["--floors"] if args.floors else [])]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
@@ -267,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants")
+    parser.add_argument("--floors", action="store_true",
+                        help="also time the conversion with its IC blocks in eval mode and removed: what any IC "
+                             "implementation costs at least, and what the other edits cost")
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2 at 32x32, two rounds: checks the script runs")
     parser.add_argument("--resident-peaks", action="store_true", help=argparse.SUPPRESS)  # the child of resident_peaks
     args = parser.parse_args(argv)

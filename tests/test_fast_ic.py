@@ -419,19 +419,37 @@ def test_compile_trains_a_converted_resnet18():
     assert torch.isfinite(loss)
 
 
-def test_benchmark_runs_in_its_quick_configuration(capsys, monkeypatch):
+def load_benchmark(monkeypatch):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
     monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its sibling modules import
     spec = importlib.util.spec_from_file_location("train_overhead", path)
     benchmark = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up there
     spec.loader.exec_module(benchmark)
-    benchmark.main(["--quick"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet18 | eager | IC")]
-    assert len(rows) == 2
+    return benchmark
+
+
+def test_benchmark_runs_in_its_quick_configuration(capsys, monkeypatch):
+    load_benchmark(monkeypatch).main(["--quick", "--floors"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet18 | eager |")]
+    assert [row.split("|")[3].strip() for row in rows] == [
+        "IC", "IC reference", "floor: IC blocks in eval mode", "floor: IC blocks removed"]
     for row in rows:
         ratios = [float(cell) for cell in row.strip("|").split("|")[4:9] if cell.strip() != "-"]  # time and memory
         assert len(ratios) >= 4 and all(0.1 < r < 10 for r in ratios)
+
+
+def test_benchmark_floors_do_no_training_mode_ic_work(monkeypatch):
+    """Both floors compute the same training-mode function: IC blocks that are the identity in
+    eval mode (a function-preserving conversion) normalise with fixed statistics and drop nothing."""
+    benchmark = load_benchmark(monkeypatch)
+    runs = benchmark.variants("resnet18", 32, torch.device("cpu"), compiled=False, floors=True)
+    x = torch.randn(4, 3, 32, 32)
+    outputs = {label: run.model(x) for label, run in runs.items()}
+    torch.testing.assert_close(outputs["floor: IC blocks in eval mode"], outputs["floor: IC blocks removed"])
+    assert not torch.allclose(outputs["IC"], outputs["floor: IC blocks removed"])
+    blocks = [m for m in runs["floor: IC blocks in eval mode"].model.modules() if isinstance(m, IC)]
+    assert blocks and not any(b.norm.training or b.drop.training for b in blocks)
 
 
 @pytest.mark.parametrize("layout", ["channel slice", "class token", "permuted"])
