@@ -165,15 +165,16 @@ def test_eval_mode_is_the_affine_map_and_leaves_statistics():
         assert torch.equal(v, before[k]), k
 
 
-def test_autocast_bfloat16_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_matches_reference(dtype):
     fast, reference = ic_pair(16, dtype=torch.float32)
     x = torch.randn(4, 16, 32, 32) + 1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        x = x.to(torch.bfloat16).requires_grad_()  # what a convolution hands on under autocast
+    with torch.autocast("cpu", dtype=dtype):
+        x = x.to(dtype).requires_grad_()  # what a convolution hands on under autocast
         assert fast_ic.applies(fast.norm, fast.drop, x)
         y = fast(x)
         expected = reference_output(reference, x, (y != 0).to(y.dtype))
-    assert y.dtype == torch.bfloat16 and fast.norm.running_mean.dtype == torch.float32
+    assert y.dtype == dtype and fast.norm.running_mean.dtype == torch.float32
     torch.testing.assert_close(y, expected, atol=0.05, rtol=0.02)
     y.float().square().sum().backward()
     assert x.grad is not None and fast.norm.weight.grad.dtype == torch.float32
