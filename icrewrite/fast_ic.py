@@ -305,6 +305,34 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LINEAR = LinearCall()
 
 
+def _layer_forward_kernel(
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, p: float, eps: float, call: LayerCall, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(layer output, batch mean, batch variance, dropped positions)`` of an IC block and its layer in training mode."""
+    y, mean, var, dropped = _forward_kernel(x, *_scaled_affine(norm_weight, norm_bias, p), p, eps, seed)
+    return call.forward(y, weight, bias), mean, var, dropped
+
+
+def _layer_backward_kernel(
+    grad: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor,
+    var: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float,
+    call: LayerCall, needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for ``x``, the BatchNorm weight and bias, the layer's weight and bias (where ``needs`` says) of
+    :func:`_layer_forward_kernel`'s output. Rebuilds the IC output from ``x`` (the same values) instead of keeping it."""
+    scale, shift = _scaled_affine(norm_weight, norm_bias, p)
+    y = _dropout_output(x, scale, shift, mean, var, dropped, eps)
+    norm_needs = needs[:3]
+    grad_y, grad_weight, grad_bias = call.backward(grad, y, weight, has_bias, (any(norm_needs), *needs[3:5]))
+    norm_grads = (None, None, None)
+    if any(norm_needs):
+        kept_grad = _zero_dropped(grad_y, y, dropped, owned=True)
+        del y, grad_y  # one rebuilt output alive at a time
+        norm_grads = _backward_kernel(kept_grad, x, scale, mean, var, p, eps, norm_needs)
+    return *norm_grads, grad_weight, grad_bias
+
+
 class _NormDropoutLayer(torch.autograd.Function):
     """``call(Dropout(BatchNorm(x)))``; backward rebuilds the IC output from ``x`` instead of keeping it."""
 
@@ -312,27 +340,90 @@ class _NormDropoutLayer(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, p: float, eps: float,
                 call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        scale, shift = _scaled_affine(norm_weight, norm_bias, p)
-        y, mean, var, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed())
+        out, mean, var, dropped = _layer_forward_kernel(x, norm_weight, norm_bias, weight, bias, p, eps, call,
+                                                        _draw_seed())
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, scale, shift, mean, var, dropped, weight)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, var, dropped, weight)
         ctx.p, ctx.eps, ctx.call, ctx.has_bias = p, eps, call, bias is not None
-        return call.forward(y, weight, bias), mean, var
+        return out, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, scale, shift, mean, var, dropped, weight = ctx.saved_tensors
-        norm_needs = ctx.needs_input_grad[:3]
-        y = _dropout_output(x, scale, shift, mean, var, dropped, ctx.eps)  # the forward's IC output, rebuilt
-        grad_y, grad_weight, grad_bias = ctx.call.backward(
-            grad, y, weight, ctx.has_bias, (any(norm_needs), *ctx.needs_input_grad[3:5]))
-        norm_grads = (None, None, None)
-        if any(norm_needs):
-            kept_grad = _zero_dropped(grad_y, y, dropped, owned=True)
-            del y, grad_y
-            norm_grads = _backward_kernel(kept_grad, x, scale, mean, var, ctx.p, ctx.eps, norm_needs)
-        return *norm_grads, grad_weight, grad_bias, None, None, None
+        grads = _layer_backward_kernel(grad, *ctx.saved_tensors, ctx.has_bias, ctx.p, ctx.eps, ctx.call,
+                                       ctx.needs_input_grad[:5])
+        return *grads, None, None, None
+
+
+# For torch.compile, the same as custom operators (like the lone block's above): the layer
+# is described by its convolution arguments (empty for Linear), backward gets the seed.
+def _call_of(stride: list[int], padding: list[int], dilation: list[int], groups: int) -> LayerCall:
+    """The layer that :func:`_call_args` described: a convolution, or ``Linear`` for an empty ``stride``."""
+    return ConvCall(tuple(stride), tuple(padding), tuple(dilation), groups) if stride else _LINEAR
+
+
+def _call_args(call: LayerCall) -> tuple[list[int], list[int], list[int], int]:
+    if isinstance(call, ConvCall):
+        return list(call.stride), list(call.padding), list(call.dilation), call.groups
+    return [], [], [], 1
+
+
+@torch.library.custom_op("icrewrite::norm_dropout_layer", mutates_args=())
+def _layer_forward_op(
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, p: float, eps: float, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_layer_forward_kernel` with the seed of its mask in place of the positions."""
+    seed = _draw_seed()
+    out, mean, var, _ = _layer_forward_kernel(x, norm_weight, norm_bias, weight, bias, p, eps,
+                                              _call_of(stride, padding, dilation, groups), seed)
+    return out, mean, var, torch.tensor(seed)
+
+
+@_layer_forward_op.register_fake
+def _(x, norm_weight, norm_bias, weight, bias, p, eps, stride, padding, dilation, groups):
+    out = _call_of(stride, padding, dilation, groups).forward(torch.empty_like(x), weight, bias)
+    features = x.shape[1]
+    return (out, norm_weight.new_empty(features), norm_weight.new_empty(features),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("icrewrite::norm_dropout_layer_backward", mutates_args=())
+def _layer_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor,
+    var: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_layer_backward_kernel` for every input, drawing the dropped positions again from ``seed``;
+    the bias gradient is empty for a layer without bias."""
+    dropped = dropped_positions(x.numel(), p, int(seed), x.device)
+    grads = _layer_backward_kernel(grad, x, norm_weight, norm_bias, mean, var, dropped, weight, has_bias, p, eps,
+                                   _call_of(stride, padding, dilation, groups), (True,) * 5)
+    return *grads[:4], grads[4] if has_bias else weight.new_empty(0)
+
+
+@_layer_backward_op.register_fake
+def _(grad, x, norm_weight, norm_bias, mean, var, seed, weight, has_bias, p, eps, stride, padding, dilation, groups):
+    grad_bias = weight.new_empty(weight.shape[0] if has_bias else 0)
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias), torch.empty_like(weight),
+            grad_bias)
+
+
+def _layer_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, norm_weight, norm_bias, weight, bias, p, eps, *call_args = inputs
+    _, mean, var, seed = output
+    ctx.mark_non_differentiable(mean, var, seed)
+    ctx.save_for_backward(x, norm_weight, norm_bias, mean, var, seed, weight)
+    ctx.has_bias, ctx.p, ctx.eps, ctx.call_args = bias is not None, p, eps, call_args
+
+
+def _layer_op_backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    *grads, grad_bias = _layer_backward_op(grad, *ctx.saved_tensors, ctx.has_bias, ctx.p, ctx.eps, *ctx.call_args)
+    return *grads, grad_bias if ctx.has_bias else None, None, None, None, None, None, None
+
+
+_layer_forward_op.register_autograd(_layer_op_backward, setup_context=_layer_setup_context)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -374,12 +465,12 @@ def layer_call(ic: nn.Module, layer: nn.Module, base: type[nn.Module]) -> LayerC
     """How :func:`norm_dropout_layer` calls ``layer`` after its IC block ``ic``, or ``None`` where it does not fuse them.
 
     ``base`` is the layer's class before the IC swap: a plain ``Conv1d/2d/3d`` (zero padding
-    given as sizes) or ``Linear`` fuses, subclasses with their own forward do not. Eager
-    calls only (``torch.compile`` and autocast see the two modules), and none where hooks
-    are registered on ``ic`` itself, which a fused call would skip. The IC's own fast path
+    given as sizes) or ``Linear`` fuses, subclasses with their own forward do not. None
+    under autocast (which casts the layer's input, not the block's) or where hooks are
+    registered on ``ic`` itself, which a fused call would skip. The IC's own fast path
     must apply too (:func:`applies`).
     """
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or _hooked(ic):
+    if torch.is_autocast_enabled("cpu") or _hooked(ic):
         return None
     if base is nn.Linear:
         return _LINEAR
@@ -439,6 +530,9 @@ def norm_dropout_layer(
     positions. Differentiable once.
     """
     momentum = _count_batch(norm)
-    out, mean, var = _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, p, norm.eps, call)
+    if torch.compiler.is_compiling():
+        out, mean, var, _ = _layer_forward_op(x, norm.weight, norm.bias, weight, bias, p, norm.eps, *_call_args(call))
+    else:
+        out, mean, var = _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, p, norm.eps, call)
     _update_running_stats(norm.running_mean, norm.running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out
