@@ -22,9 +22,10 @@ Before a plain convolution or ``Linear``, :func:`norm_dropout_layer` runs the IC
 and the layer as one operator whose backward rebuilds the IC output (one normalisation
 pass) instead of keeping it for the layer's weight gradient: the memory of that output,
 the largest part of the IC block's cost in memory, is not held between forward and
-backward. ``IC.forward`` and ``ICWeightLayer.forward`` use these paths in CPU training
-(see :func:`applies` and :func:`layer_call`); elsewhere they run the reference modules
-(cuDNN and the fused CUDA dropout kernel serve them on GPUs).
+backward. Under ``torch.compile`` it is a custom operator too, whose backward draws the
+positions again from the seed. ``IC.forward`` and ``ICWeightLayer.forward`` use these
+paths in CPU training (see :func:`applies` and :func:`layer_call`); elsewhere they run
+the reference modules (cuDNN and the fused CUDA dropout kernel serve them on GPUs).
 """
 from __future__ import annotations
 
