@@ -204,9 +204,12 @@ def _check_given_plan(given: Plan, model: nn.Module, options: Options) -> None:
         raise ConversionError(f"convert got a plan made with {given.options.to_dict()} and the options "
                               f"{options.to_dict()}; give the options to plan() only")
     params = sum(p.numel() for p in model.parameters())
-    if params != given.params_before:
-        raise ConversionError(f"the plan was made for a model with {given.params_before:,} parameters "
-                              f"({given.model}), not this one with {params:,}")
+    names = {name for name, _ in model.named_modules()}
+    missing = [edit.target for edit in given.edits if edit.target not in names]
+    if params != given.params_before or missing:
+        difference = f"no module {missing[0]}" if missing else f"{params:,} parameters"
+        raise ConversionError(f"the plan was made for {given.model} with {given.params_before:,} parameters, "
+                              f"not this model ({difference})")
 
 
 def options_of(model: nn.Module) -> dict[str, Any] | None:
