@@ -416,6 +416,23 @@ def test_compile_keeps_the_fast_path_in_one_graph():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_fused_layer_matches_eager(bias):
+    layer = randomize_norms(attach_ic(nn.Conv2d(6, 4, 3, padding=1, stride=2, bias=bias), IC(6, p=0.2))).train()
+    compiled = torch.compile(copy.deepcopy(layer))
+    x = torch.randn(4, 6, 9, 9)
+
+    def step(module: nn.Module) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        x_run = x.clone().requires_grad_()
+        out = module(x_run)
+        out.square().sum().backward()
+        return [out, x_run.grad, *(p.grad for p in module.parameters())]
+
+    for got, want in zip(step(compiled), step(layer), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.slow
 def test_compile_trains_a_converted_resnet18():
     model = icrewrite.convert(timm.create_model("resnet18", pretrained=False)).train()
