@@ -228,17 +228,15 @@ def find_reroute(attention: nn.Module, calls: Sequence[fx.Node]) -> Reroute | No
     return None
 
 
-def route(attention: nn.Module, reroute: Reroute, *, p: float, preserve: bool) -> None:
-    """Apply ``reroute`` to ``attention`` in place; an IC block on its input, when the reroute
-    has one, is the identity in eval mode when ``preserve`` (as ``convert``'s ``init="preserve"``)."""
+def route(attention: nn.Module, reroute: Reroute, ic: IC | None = None) -> None:
+    """Apply ``reroute`` to ``attention`` in place; ``ic`` is the IC block for its input, which
+    a reroute with ``input_features`` needs (``convert`` makes it as it makes every block)."""
+    if (ic is None) != (reroute.input_features == 0):
+        raise ConversionError(f"this reroute takes an IC block of {reroute.input_features} features on the attention "
+                              f"input, got {ic}")
     if reroute.routed_class is None:
         attention.qkv_bias_separate = True
         return
     attention.__class__ = reroute.routed_class
-    if reroute.input_features:
-        weight = attention.in_proj_weight
-        ic = IC(reroute.input_features, p, feature_dim=-1, device=weight.device, dtype=weight.dtype)
-        ic.train(attention.training)
-        if preserve and weight.device.type != "meta":
-            ic.set_identity()
+    if ic is not None:
         attention.ic = ic

@@ -127,11 +127,13 @@ def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
             after = next((e for e in the_plan.edits if e.action == "insert-ic-after" and e.target == edit.into), None)
             ic = IC(after.features, opts.p, device=_module_device(model, edit.into)) if after else None
             replace_module(model, edit.into, branch_end_module(model.get_submodule(edit.into), act, ic))
+    new_ic = _ICFactory(opts.p, identity=preserve)
     for edit in the_plan.edits:
         if edit.action == "route-through-module":
-            route(model.get_submodule(edit.target), the_plan.analysis.reroutes[edit.target], p=opts.p,
-                  preserve=preserve)
-    new_ic = _ICFactory(opts.p, identity=preserve)
+            attention, reroute = model.get_submodule(edit.target), the_plan.analysis.reroutes[edit.target]
+            ic = (new_ic(reroute.input_features, -1, next(attention.parameters()), attention.training)
+                  if reroute.input_features else None)  # on the attention input, before its packed projection
+            route(attention, reroute, ic)
     for edit in the_plan.edits:
         if edit.action != "insert-ic":
             continue

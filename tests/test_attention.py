@@ -121,7 +121,7 @@ def test_routed_window_attention_is_torchvisions_in_training_too(cls, shift):
     routed = copy.deepcopy(attention)
     reroute = find_reroute(routed, [])
     assert reroute is not None and set(reroute.layers) == {"qkv", "proj"}
-    route(routed, reroute, p=0.05, preserve=True)
+    route(routed, reroute)
     assert isinstance(routed, cls) and type(routed) is not cls
     x = torch.randn(2, 5, 7, 8)
     _assert_same(_outputs_and_grads(routed, x), _outputs_and_grads(attention, x))
