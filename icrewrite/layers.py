@@ -189,6 +189,23 @@ def ic_class(base: type[nn.Module]) -> type[nn.Module]:
     return type(f"IC{base.__name__}", (ICWeightLayer, base), {"__module__": __name__, "__doc__": base.__doc__})
 
 
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """``icrewrite.layers.ICConv2d`` and friends: the ``IC<Base>`` class of a weight-layer class
+    named ``<Base>``, importable by name although it is created on first use. Of several
+    classes of that name the base one wins (``nn.Conv2d`` over its quantisation-aware subclass)."""
+    if name.startswith("IC"):
+        named = {cls for root in WEIGHT_LAYER_TYPES for cls in _subclasses(root)
+                 if cls.__name__ == name[2:] and not issubclass(cls, ICWeightLayer)}
+        bases = {cls for cls in named if not any(cls is not other and issubclass(cls, other) for other in named)}
+        if len(bases) == 1:
+            return ic_class(bases.pop())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _new_ic_layer(base: type[nn.Module]) -> nn.Module:
     cls = ic_class(base)
     return cls.__new__(cls)
