@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 import icrewrite
-from icrewrite.export import EXPORTERS, ExportReport, export_onnx
+from icrewrite.deploy.onnx import EXPORTERS, ExportReport, export_onnx
 from icrewrite.files import atomic_path
 from icrewrite.testing import randomize_norms
 

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import icrewrite
-from icrewrite.export import EXPORTERS, export_onnx
+from icrewrite.deploy.onnx import EXPORTERS, export_onnx
 from icrewrite.testing import randomize_norms
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 

@@ -33,9 +33,9 @@ import timm
 import torch
 
 import icrewrite
-from icrewrite.data import DIGITS, make_loader, num_classes
-from icrewrite.plan import LAYOUTS
-from icrewrite.plot import plot_mean_std
+from icrewrite.train.data import DIGITS, make_loader, num_classes
+from icrewrite.rewrite import LAYOUTS
+from icrewrite.train.plot import plot_mean_std
 from icrewrite.train import finetune
 
 DEFAULT_LAYOUT = "relu-ic-conv"

@@ -3,7 +3,7 @@
 For each model: a timm model (random weights) and its ``icrewrite.convert`` conversion,
 trained with the same step (forward, cross-entropy, backward, SGD with momentum) on the
 same random batch. Three variants: ``original``, ``IC`` (the fast IC path of
-``icrewrite.fast_ic``, the default) and ``IC reference`` (``IC.fast = False``: the
+``icrewrite.layers.fast``, the default) and ``IC reference`` (``IC.fast = False``: the
 BatchNorm + Dropout modules, which ``torch.compile`` traces and Inductor fuses). With
 ``--compile`` each variant is also timed wrapped in ``torch.compile``. With ``--floors``, two
 models that are not IC networks bound the cost from below: the conversion with its IC

@@ -16,8 +16,8 @@ from pathlib import Path
 import timm
 import torch
 
-from icrewrite.data import make_loader, num_classes
-from icrewrite.demo import compare
+from icrewrite.train.data import make_loader, num_classes
+from icrewrite.train.demo import compare
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,19 +5,22 @@
     print(icrewrite.plan(model))          # what would change
     ic_model = icrewrite.convert(model)   # same class, same function in eval mode
     print(icrewrite.verify(model, ic_model, torch.randn(2, 3, 224, 224)))
+
+The package: ``layers`` (what a converted model contains), ``registry`` (what is recognised,
+and how to add your own layers), ``rewrite`` (trace -> analyse -> plan -> apply -> verify),
+and on top ``checkpoint``, ``deploy`` (folding, ONNX), ``train``, ``independence`` and ``cli``.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-# The core is imported eagerly: ``icrewrite.plan`` / ``convert`` / ``verify`` name the
-# functions, which shadow their modules of the same names (import those with ``from``).
-from .convert import convert
+from . import _moved
 from .errors import CheckpointError, ConversionError, ExportError, ICRewriteError
 from .layers import IC
-from .plan import Edit, Plan, plan
-from .verify import Report, verify
+from .registry import (register_activation, register_norm, register_passthrough, register_reroute,
+                       register_weight_layer)
+from .rewrite import Edit, Note, Options, Plan, Report, Reroute, convert, plan, verify
 
 __version__ = "0.1.0"
 
@@ -25,14 +28,20 @@ __version__ = "0.1.0"
 _LAZY = {
     "save": "checkpoint",
     "load": "checkpoint",
-    "export_onnx": "export",
-    "ExportReport": "export",
+    "export_onnx": "deploy",
+    "ExportReport": "deploy",
     "finetune": "train",
     "stats": "independence",
     "StatsReport": "independence",
 }
 
-__all__ = ["IC", "plan", "Plan", "Edit", "convert", "verify", "Report", "ICRewriteError", "ConversionError", "CheckpointError", "ExportError", "__version__", *_LAZY]
+__all__ = [
+    "IC", "plan", "Plan", "Edit", "Note", "Options", "convert", "verify", "Report", "Reroute",
+    "register_weight_layer", "register_norm", "register_activation", "register_passthrough", "register_reroute",
+    "ICRewriteError", "ConversionError", "CheckpointError", "ExportError", "__version__", *_LAZY,
+]
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -37,10 +37,9 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__
-from .convert import convert, options_of
 from .errors import CheckpointError
 from .files import atomic_path
-from .verify import Report, output_tensors
+from .rewrite import Report, convert, options_of, output_tensors
 
 __all__ = [
     "read_state_dict",

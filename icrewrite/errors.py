@@ -1,4 +1,8 @@
 """Errors that icrewrite reports to users: one clear line, no traceback in the CLI."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 
 class ICRewriteError(Exception):
@@ -27,3 +31,16 @@ class TrainingError(ICRewriteError):
 
 class LossNotFinite(TrainingError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
+
+
+class MissingExtra(ICRewriteError, ImportError):
+    """An optional dependency group is not installed; the message names the pip command."""
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import ``module`` from the optional group ``extra``, or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtra(f"{module.partition('.')[0]} is not installed; it comes with "
+                           f"pip install 'icrewrite[{extra}]'") from err

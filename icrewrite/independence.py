@@ -33,14 +33,15 @@ from os import PathLike
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .errors import ICRewriteError
 from .files import atomic_path
-from .layers import IC, ICWeightLayer, is_weight_layer, weight_layer_features
+from .layers import IC, ICWeightLayer
+from .registry import is_weight_layer, weight_layer_features
+from .train.plot import figure
 
 __all__ = [
     "stats",
@@ -553,7 +554,7 @@ class StatsReport:
         """Per-site bars of mean |r| and mutual information (original, IC input, IC output);
         black ticks mark what theory predicts for the IC output."""
         names = [s.name for s in self.sites]
-        fig = Figure(figsize=(max(6.0, 0.3 * len(names) + 2), 7))
+        fig = figure(figsize=(max(6.0, 0.3 * len(names) + 2), 7))
         axes = fig.subplots(2, 1, sharex=True)
         for ax, key, label in ((axes[0], "corr", "mean |Pearson r|"), (axes[1], "mi", "mutual information (nats)")):
             series = self._bar_series(key)

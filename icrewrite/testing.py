@@ -14,8 +14,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
-from .clone import clone_module
-from .layers import IC, ICWeightLayer, is_weight_layer
+from .layers import IC, ICWeightLayer
+from .registry import is_weight_layer
+from .rewrite import TOLERANCE, clone_module, convert, output_tensors, plan, verify
 
 
 @torch.no_grad()
@@ -197,7 +198,6 @@ def _observed(model: nn.Module, sites: Iterable[str]) -> Iterator[dict[str, _Sit
 
 def _reached(model: nn.Module, x: torch.Tensor) -> set[str]:
     """Names of the parameters that a train-mode backward from every output reaches."""
-    from .verify import output_tensors
 
     model.train().zero_grad(set_to_none=True)
     sum(t.float().sum() for t in output_tensors(model(x))).backward()
@@ -211,8 +211,6 @@ def _float64_error(model: nn.Module, x: torch.Tensor, options: dict[str, Any]) -
     on its own (fbnetv3_b at 32x32: 1.1e-2 in float32, 2.5e-8 in float64; the float32 original
     is 3e-2 away from its float64 self): float64 tells that from a wrong conversion.
     """
-    from .convert import convert
-    from .verify import verify
 
     double = clone_module(model).double()
     x = x.double() if x.is_floating_point() else x
@@ -273,9 +271,6 @@ def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **opti
 
     Randomises ``model``'s norms in place (see :func:`randomize_norms`).
     """
-    from .convert import convert
-    from .plan import plan
-    from .verify import TOLERANCE, verify
 
     result = ConversionCheck(type(model).__name__)
     fail = result.failures.append

@@ -1,5 +1,11 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The zoo sweep is a tool of the repository, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # One thread: test tensors are small, and threads only contend on shared CI machines.
 torch.set_num_threads(1)

@@ -16,10 +16,11 @@ from torchvision.models.swin_transformer import (PatchMergingV2, ShiftedWindowAt
 
 import icrewrite
 from icrewrite import ConversionError
-from icrewrite.attention import RoutedMultiheadAttention, find_reroute, route
+from icrewrite.layers import RoutedMultiheadAttention
+from icrewrite.rewrite import find_reroute, route
 from icrewrite.checkpoint import load, save
 from icrewrite.testing import check_conversion, randomize_norms
-from icrewrite.trace import trace_scopes
+from icrewrite.rewrite import trace_scopes
 
 
 def torchvision_vit() -> nn.Module:

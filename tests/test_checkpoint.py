@@ -20,7 +20,7 @@ from icrewrite.checkpoint import (check, create_timm_model, example_input, fit_s
 from icrewrite.testing import randomize_norms
 
 from pickles import Marker, Metadata
-from icrewrite.verify import TOLERANCE
+from icrewrite.rewrite import TOLERANCE
 
 ARCH = "test_resnet"  # timm's own tiny ResNet (0.4M parameters)
 SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": (3, 64, 64)}}  # 64x64 probes: fast

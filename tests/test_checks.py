@@ -18,11 +18,12 @@ from torch import nn
 
 from icrewrite.layers import ICBatchNorm, ic_base
 from icrewrite.testing import check_conversion
-from icrewrite.verify import TOLERANCE
+from icrewrite.rewrite import TOLERANCE
 
 from nets import PATTERNS
 
-convert_module = importlib.import_module("icrewrite.convert")  # the package's `convert` attribute is the function
+checks_module = importlib.import_module("icrewrite.testing")  # where check_conversion finds `convert`
+apply_module = importlib.import_module("icrewrite.rewrite._apply")  # where convert finds `fold_bn_into`
 
 
 class RunningStatsNorm(ICBatchNorm):
@@ -64,7 +65,7 @@ def removed(layer: nn.Module) -> None:
 
 def damage(monkeypatch: pytest.MonkeyPatch, target: str, fault: Callable[[nn.Module], None]) -> dict[str, torch.Tensor]:
     """Make ``convert`` damage the IC site ``target``; returns where the damaged block's input will be recorded."""
-    convert, seen = convert_module.convert, {}
+    convert, seen = checks_module.convert, {}
 
     def damaging_convert(model: nn.Module, **options) -> nn.Module:
         converted = convert(model, **options)
@@ -73,7 +74,7 @@ def damage(monkeypatch: pytest.MonkeyPatch, target: str, fault: Callable[[nn.Mod
         fault(layer)
         return converted
 
-    monkeypatch.setattr(convert_module, "convert", damaging_convert)
+    monkeypatch.setattr(checks_module, "convert", damaging_convert)
     return seen
 
 
@@ -132,14 +133,14 @@ def test_float32_rounding_of_an_ill_conditioned_model_is_told_from_a_wrong_conve
 
 
 def test_a_slightly_wrong_fold_fails_in_float64_too(monkeypatch):
-    fold = convert_module.fold_bn_into
+    fold = apply_module.fold_bn_into
 
     def wrong_fold(layer: nn.Module, norm: nn.Module) -> None:
         fold(layer, norm)
         with torch.no_grad():
             layer.weight.mul_(1.001)
 
-    monkeypatch.setattr(convert_module, "fold_bn_into", wrong_fold)
+    monkeypatch.setattr(apply_module, "fold_bn_into", wrong_fold)
     result = check_conversion(PATTERNS["chain"](), torch.randn(8, 3, 16, 16))
     assert result.rel_error > TOLERANCE and result.rel_error_float64 > TOLERANCE
     assert any(f.startswith("eval output changed") and "in float64" in f for f in result.failures), result.failures

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import icrewrite
-from icrewrite.init_stats import activation_moments, site_moments
+from icrewrite.rewrite import activation_moments, site_moments
 from icrewrite.layers import IC, ICWeightLayer, attach_ic
 from icrewrite.testing import check_conversion, randomize_norms
 
@@ -213,7 +213,7 @@ def test_convert_by_a_given_plan_does_not_plan_again(monkeypatch):
     def plan_again(*args, **kwargs):
         raise AssertionError("convert traced the model again")
 
-    monkeypatch.setattr(sys.modules["icrewrite.convert"], "make_plan", plan_again)  # the module, not the function
+    monkeypatch.setattr(sys.modules["icrewrite.rewrite._apply"], "make_plan", plan_again)  # the module, not the function
     converted = icrewrite.convert(model, plan=the_plan)
     assert converted.icrewrite_options == expected.icrewrite_options and converted.icrewrite_options["p"] == 0.1
     assert converted.state_dict().keys() == expected.state_dict().keys()

@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
-from icrewrite.data import (DataError, DigitsDataset, EpochSampler, SeededDataset, digits_loaders, make_dataset,
+from icrewrite.train.data import (DataError, DigitsDataset, EpochSampler, SeededDataset, digits_loaders, make_dataset,
                             make_loader, num_classes, resumable_loader)
 
 

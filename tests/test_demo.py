@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import icrewrite
-from icrewrite.data import DigitsDataset
-from icrewrite.demo import QUICK, run_demo
+from icrewrite.train.data import DigitsDataset
+from icrewrite.train.demo import QUICK, run_demo
 from icrewrite.errors import ICRewriteError
 from icrewrite.layers import ICWeightLayer
 

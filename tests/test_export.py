@@ -1,4 +1,4 @@
-"""Deploy-time folding of IC blocks (icrewrite.fold) and verified ONNX export (icrewrite.export)."""
+"""Deploy-time folding of IC blocks (icrewrite.deploy.fold) and verified ONNX export (icrewrite.deploy.onnx)."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +17,11 @@ from torch import nn
 import icrewrite
 from icrewrite.cli import export as export_command
 from icrewrite.errors import ExportError
-from icrewrite.export import export_onnx
-from icrewrite.fold import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, fold_ic
-from icrewrite.layers import IC, ICWeightLayer, attach_ic, weight_layer_features
+from icrewrite.deploy.onnx import export_onnx
+from icrewrite.deploy import fold_ic
+from icrewrite.layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d
+from icrewrite.layers import IC, ICWeightLayer, attach_ic
+from icrewrite.registry import weight_layer_features
 from icrewrite.testing import randomize_norms
 
 FAST = ("torchscript",)  # the dynamo exporter takes tens of seconds per timm model on a busy 2-core machine

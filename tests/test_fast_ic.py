@@ -1,4 +1,4 @@
-"""The fast IC training path (icrewrite.fast_ic) against the reference BatchNorm + Dropout modules."""
+"""The fast IC training path (icrewrite.layers.fast) against the reference BatchNorm + Dropout modules."""
 from __future__ import annotations
 
 import copy
@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import icrewrite
-from icrewrite import fast_ic
-from icrewrite.layers import IC, ICBatchNorm, attach_ic, ic_base, weight_layer_features
+from icrewrite.layers import fast as fast_ic
+from icrewrite.layers import IC, ICBatchNorm, attach_ic, ic_base
+from icrewrite.registry import weight_layer_features
 from icrewrite.testing import randomize_norms
 
 P = 0.3  # large enough that a wrong mask shows in every comparison

@@ -17,9 +17,10 @@ from torch import nn
 
 import icrewrite
 from icrewrite.cli import main
-from icrewrite.data import make_loader
+from icrewrite.train.data import make_loader
 from icrewrite.independence import PairStatistics, bin_codes, stats
-from icrewrite.layers import IC, ICWeightLayer, attach_ic, is_weight_layer
+from icrewrite.layers import IC, ICWeightLayer, attach_ic
+from icrewrite.registry import is_weight_layer
 from icrewrite.testing import randomize_norms
 
 P_VALUES = (0.05, 0.1, 0.3, 0.5)

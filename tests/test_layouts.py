@@ -8,9 +8,9 @@ from torch import nn
 
 import icrewrite
 from icrewrite.layers import ICWeightLayer
-from icrewrite.layouts import residual_units
+from icrewrite.rewrite import residual_units
 from icrewrite.testing import randomize_norms
-from icrewrite.trace import trace_scopes
+from icrewrite.rewrite import trace_scopes
 
 
 @pytest.fixture(scope="module", params=["resnet18", "resnet50"])

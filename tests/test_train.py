@@ -15,8 +15,8 @@ import timm
 import torch
 
 import icrewrite
-from icrewrite.data import digits_loaders
-from icrewrite.train import STATE_FILE, LossNotFinite, TrainingError, finetune
+from icrewrite.train.data import digits_loaders
+from icrewrite.train.loop import STATE_FILE, LossNotFinite, TrainingError, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
@@ -27,7 +27,7 @@ import os, sys, time
 import timm, torch
 from torch.utils.data import DataLoader, Dataset, Subset
 import icrewrite
-from icrewrite.data import DigitsDataset
+from icrewrite.train.data import DigitsDataset
 from icrewrite.train import finetune
 
 class Slowed(Dataset):  # gives the test time to kill the run mid-epoch

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icrewrite import zoo
+import zoo
 from icrewrite.testing import check_conversion
-from icrewrite.zoo import (Entry, _input_sizes, build_on_meta, interleave_families, main, meta_check, read_results,
+from zoo import (Entry, _input_sizes, build_on_meta, interleave_families, main, meta_check, read_results,
                            real_check, run_isolated, small_inputs, write_report)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ICRewriteError
-from ..layouts import LAYOUTS
+from ..rewrite import LAYOUTS
 
 __all__ = [
     "main",

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .. import convert, verify
 from ..checkpoint import example_input, refuse_overwrite, save
 from ..errors import ConversionError
-from ..verify import TOLERANCE
+from ..rewrite import TOLERANCE
 from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args,
                progress)
 
@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
 
 def calibration_batches(data: str, model: nn.Module, batches: int) -> Iterable:
     """``batches`` batches of ``data`` at ``model``'s input size and normalisation, with a progress bar."""
-    from ..data import make_loader  # scikit-learn and timm's datasets: only for commands that read data
+    from ..train.data import make_loader  # scikit-learn and timm's datasets: only for commands that read data
 
     config = resolve_model_data_config(model)
     loader = make_loader(data, "train", CALIBRATION_BATCH_SIZE, config["input_size"][-1], augment=False,

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..export import EXPORTERS, export_onnx, refuse_overwrite
+from ..deploy import EXPORTERS
 from . import add_command, add_model_arguments, model_from_args, progress
 
 
@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..deploy.onnx import export_onnx, refuse_overwrite  # onnx and onnxruntime: only when exporting
+
     if not args.force:
         refuse_overwrite(args.output)  # before loading and exporting, not after
     model = model_from_args(args)

@@ -10,8 +10,8 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from .. import convert
-from ..convert import options_of
-from ..data import DIGITS, make_loader, num_classes
+from ..rewrite import options_of
+from ..train.data import DIGITS, make_loader, num_classes
 from ..train import FinetuneConfig, FinetuneResult, finetune
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
 

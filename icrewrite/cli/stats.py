@@ -7,7 +7,7 @@ from typing import Any
 from timm.data import resolve_model_data_config
 
 from .. import convert
-from ..data import DIGITS, make_loader
+from ..train.data import DIGITS, make_loader
 from ..errors import ICRewriteError
 from ..independence import MAX_BATCHES, MAX_BINS, MAX_PAIRS, MAX_SAMPLES, has_ic_blocks, stats
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import verify
 from ..checkpoint import check, example_input, load_model, read_config
-from ..verify import TOLERANCE, Report
+from ..rewrite import TOLERANCE, Report
 from . import EXIT_FAILED, add_command, progress
 
 

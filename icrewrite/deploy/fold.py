@@ -21,8 +21,8 @@ import torch
 from timm.layers import Linear as TimmLinear
 from torch import nn
 
-from .errors import ExportError
-from .layers import ICWeightLayer, ic_base
+from ..errors import ExportError
+from ..layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, ICWeightLayer, ic_base
 
 __all__ = [
     "fold_ic",
@@ -35,30 +35,6 @@ __all__ = [
 _PLAIN_CONVS: tuple[type[nn.modules.conv._ConvNd], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Linear classes whose forward is F.linear(x, weight, bias) (timm's only adds a cast when scripted).
 _PLAIN_LINEARS: tuple[type[nn.Linear], ...] = (nn.Linear, TimmLinear)
-
-
-class _BorderCorrection:
-    """Mixin: add the constant map ``border`` (``(C_out, *spatial)``) to the convolution output."""
-
-    border: torch.Tensor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.border
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, border={tuple(self.border.shape)}"
-
-
-class BorderCorrectedConv1d(_BorderCorrection, nn.Conv1d):
-    """``nn.Conv1d`` plus a constant output map: a folded IC, exact at one input length."""
-
-
-class BorderCorrectedConv2d(_BorderCorrection, nn.Conv2d):
-    """``nn.Conv2d`` plus a constant output map: a folded IC, exact at one input size."""
-
-
-class BorderCorrectedConv3d(_BorderCorrection, nn.Conv3d):
-    """``nn.Conv3d`` plus a constant output map: a folded IC, exact at one input size."""
 
 
 _BORDER_CLASSES: dict[type[nn.Module], type[nn.Module]] = {

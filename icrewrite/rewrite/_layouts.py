@@ -28,9 +28,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .layers import IC, is_weight_layer
-from .patterns import is_activation_module, is_passthrough
-from .trace import Scope
+from ..layers import IC
+from ..registry import is_activation_module, is_weight_layer
+from ._patterns import is_passthrough
+from ._trace import Scope
 
 __all__ = ["LAYOUTS", "ResidualUnit", "residual_units", "branch_end_module"]
 

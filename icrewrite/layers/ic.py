@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from timm.layers import CondConv2d, register_notrace_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import fast_ic
-from .patterns import bn_affine
+from ..compat import register_notrace_module
+from . import fast as fast_ic
 
 __all__ = [
     "IC",
@@ -26,9 +25,8 @@ __all__ = [
     "ICWeightLayer",
     "ic_class",
     "attach_ic",
-    "is_weight_layer",
-    "weight_layer_features",
-    "WEIGHT_LAYER_TYPES",
+    "ic_base",
+    "bn_affine",
 ]
 
 
@@ -43,6 +41,18 @@ class ICBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         pass
+
+
+@torch.no_grad()
+def bn_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of an eval-mode BatchNorm: ``BN(x) = scale * x + shift`` per channel."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if getattr(norm, "weight", None) is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if getattr(norm, "bias", None) is not None:
+        shift = shift + norm.bias
+    return scale, shift
 
 
 class IC(nn.Module):
@@ -128,22 +138,6 @@ class IC(nn.Module):
         return f"{self.num_features}, p={self.p}, feature_dim={self.feature_dim}"
 
 
-# Weight layers: the modules an IC block is placed before.
-WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, CondConv2d)
-
-
-def is_weight_layer(module: nn.Module) -> bool:
-    """True for convolutions (any rank, transposed too), ``Linear`` and timm's ``CondConv2d``."""
-    return isinstance(module, WEIGHT_LAYER_TYPES)
-
-
-def weight_layer_features(module: nn.Module) -> tuple[int, int]:
-    """``(num_features, feature_dim)`` of a weight layer's input."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, -1
-    return module.in_channels, 1
-
-
 class ICWeightLayer(nn.Module):
     """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer.
 
@@ -186,24 +180,7 @@ def ic_class(base: type[nn.Module]) -> type[nn.Module]:
     """The ``IC<Base>`` subclass of a weight-layer class (one per base class)."""
     if issubclass(base, ICWeightLayer):
         return base
-    return type(f"IC{base.__name__}", (ICWeightLayer, base), {"__module__": __name__, "__doc__": base.__doc__})
-
-
-def _subclasses(cls: type) -> list[type]:
-    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
-
-
-def __getattr__(name: str) -> type[nn.Module]:
-    """``icrewrite.layers.ICConv2d`` and friends: the ``IC<Base>`` class of a weight-layer class
-    named ``<Base>``, importable by name although it is created on first use. Of several
-    classes of that name the base one wins (``nn.Conv2d`` over its quantisation-aware subclass)."""
-    if name.startswith("IC"):
-        named = {cls for root in WEIGHT_LAYER_TYPES for cls in _subclasses(root)
-                 if cls.__name__ == name[2:] and not issubclass(cls, ICWeightLayer)}
-        bases = {cls for cls in named if not any(cls is not other and issubclass(cls, other) for other in named)}
-        if len(bases) == 1:
-            return ic_class(bases.pop())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return type(f"IC{base.__name__}", (ICWeightLayer, base), {"__module__": "icrewrite.layers", "__doc__": base.__doc__})
 
 
 def _new_ic_layer(base: type[nn.Module]) -> nn.Module:

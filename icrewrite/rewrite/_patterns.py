@@ -1,8 +1,6 @@
-"""What the analysis recognises: BatchNorm layers, activations, fused norm+act modules.
-
-Recognition is by behaviour where it can be (``_BatchNorm`` subclasses, the modules in
-``torch.nn.modules.activation`` and ``timm.layers.activations*``) and lists the rest
-(frozen BatchNorm classes keep their statistics in buffers and share no base class).
+"""Graph patterns the analysis matches: activations applied to a node, pass-through chains,
+fused norm+act modules. Which classes are norms, activations and pass-through layers is
+the registry's (``icrewrite.registry``); this module reads graphs.
 """
 from __future__ import annotations
 
@@ -12,26 +10,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = [
-    "is_batchnorm",
-    "fused_activation",
-    "is_activation_module",
-    "activation_of",
-    "bn_affine",
-    "is_passthrough",
-    "through_passthrough",
-    "Activation",
-]
+from ..registry import is_activation_module, is_passthrough_module
+
+__all__ = ["fused_activation", "activation_of", "is_passthrough", "through_passthrough", "Activation"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
-
-_FROZEN_BN_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
-_PASSTHROUGH = {"DropBlock2d", "DropPath"}
-
-# Modules in torch.nn.modules.activation that are not elementwise activations.
-_NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU)
 
 _ACTIVATION_FUNCTIONS: set[Callable] = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.mish, F.hardswish, F.hardsigmoid,
@@ -41,11 +25,11 @@ _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 
 def is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Nodes that are the identity in eval mode: ``nn.Identity``, dropout, DropBlock, DropPath."""
+    """Module calls that are the identity in eval mode (registered pass-through layers)."""
     if node.op != "call_module" or len(node.args) != 1:
         return False
     module = modules.get(node.target)
-    return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)) or type(module).__name__ in _PASSTHROUGH
+    return module is not None and is_passthrough_module(module)
 
 
 def through_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
@@ -56,25 +40,12 @@ def through_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx
     return found
 
 
-def is_batchnorm(module: nn.Module) -> bool:
-    """BatchNorm of any flavour: torch's, timm's fused ``BatchNormAct2d``, sync and frozen variants."""
-    return isinstance(module, _BatchNorm) or type(module).__name__ in _FROZEN_BN_NAMES
-
-
 def fused_activation(norm: nn.Module) -> nn.Module | None:
     """The activation a fused norm+act module (timm ``BatchNormAct2d`` family) applies, if any."""
     act = getattr(norm, "act", None)
     if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
         return act
     return None
-
-
-def is_activation_module(module: nn.Module) -> bool:
-    """Elementwise activation modules of torch and timm (timm's ``create_act_layer`` results)."""
-    if isinstance(module, _NOT_ACTIVATIONS):
-        return False
-    mod = type(module).__module__
-    return mod == "torch.nn.modules.activation" or mod.startswith("timm.layers.activations")
 
 
 def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Activation | None:
@@ -93,17 +64,3 @@ def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Activation | 
         name = node.target.rstrip("_")
         return lambda t: getattr(t, name)()
     return None
-
-
-@torch.no_grad()
-def bn_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` of an eval-mode BatchNorm: ``BN(x) = scale * x + shift`` per channel."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if getattr(norm, "weight", None) is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if getattr(norm, "bias", None) is not None:
-        shift = shift + norm.bias
-    return scale, shift
-
-

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from timm.layers import get_notrace_functions, is_notrace_module
 from torch import nn
 
-from .layers import IC, ICWeightLayer, is_weight_layer
-from .patterns import is_activation_module, is_batchnorm
+from ..compat import get_notrace_functions, is_notrace_module
+
+from ..layers import IC, ICWeightLayer
+from ..registry import is_activation_module, is_batchnorm, is_weight_layer
 
 __all__ = ["Scope", "trace_scopes"]
 

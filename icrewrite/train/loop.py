@@ -42,10 +42,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import save as save_model
+from ..checkpoint import save as save_model
+from ..errors import LossNotFinite, TrainingError, require
+from ..files import atomic_path
 from .data import resumable_loader
-from .errors import LossNotFinite, TrainingError
-from .files import atomic_path
 from .plot import plot_history
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune"]
@@ -424,6 +424,7 @@ def finetune(
     Raises :class:`LossNotFinite` when the loss diverges.
     """
     config = dataclasses.replace(config or FinetuneConfig(), **options)
+    require("matplotlib", "train")  # for metrics.png: say so before training, not after the first epoch
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
     if state_path.exists() and not config.resume:

@@ -23,19 +23,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
-import onnxruntime
 import torch
 from torch import nn
 
-from .errors import ExportError
-from .files import atomic_path
+from ..errors import ExportError, require
+from ..files import atomic_path
+from . import EXPORTERS
 from .fold import FoldReport, fold_ic
+
+onnx = require("onnx", "onnx")
+onnxruntime = require("onnxruntime", "onnx")
 
 __all__ = ["export_onnx", "ExportReport", "Parity", "EXPORTERS", "refuse_overwrite"]
 
 Exporter = Literal["dynamo", "torchscript"]
-EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
 INPUT_NAME = "input"
 RELATIVE_TOLERANCE = 1e-4
 _EXAMPLE_BATCH = 2  # torch.export specialises a batch of 1, so the dynamic batch is traced at 2
@@ -212,7 +213,7 @@ def _metadata(
     model: nn.Module, input_size: tuple[int, ...], dynamic_batch: bool, fold_report: FoldReport | None
 ) -> dict[str, str]:
     """The ``metadata_props`` of the exported file: where the model came from and what was done to it."""
-    from . import __version__
+    from .. import __version__
 
     metadata = {
         "icrewrite_version": __version__,
@@ -250,6 +251,7 @@ def _export(
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool) -> None:
+    require("onnxscript", "onnx")  # torch's dynamo exporter is built on it
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     program = torch.onnx.export(
         model,

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import IC
-from .patterns import Activation
+from ..layers import IC
+from ._patterns import Activation
 
 __all__ = ["activation_moments", "site_moments", "calibrate"]
 

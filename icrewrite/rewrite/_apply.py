@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from .attention import route
-from .clone import clone_module
-from .errors import ConversionError
-from .init_stats import calibrate, site_moments
-from .layers import IC, attach_ic
-from .layouts import branch_end_module
-from .plan import Edit, Options, Plan
-from .plan import plan as make_plan
+from ..errors import ConversionError
+from ..layers import IC, attach_ic
+from ._clone import clone_module
+from ._init_stats import calibrate, site_moments
+from ._layouts import branch_end_module
+from ._plan import Edit, Options, Plan
+from ._plan import plan as make_plan
+from ._reroute import route
 
 __all__ = ["convert", "apply", "fold_bn_into"]
 

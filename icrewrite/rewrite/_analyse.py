@@ -20,22 +20,14 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from .attention import Reroute, find_reroute
-from .layers import ICWeightLayer, ic_base, is_weight_layer, weight_layer_features
-from .patterns import Activation, activation_of, fused_activation, is_batchnorm, through_passthrough
-from .probe import probe_weight_use
-from .trace import Scope, trace_scopes
+from ..layers import ICWeightLayer
+from ..registry import is_batchnorm, is_foldable_into, is_weight_layer, weight_layer_features
+from ._patterns import Activation, activation_of, fused_activation, through_passthrough
+from ._probe import probe_weight_use
+from ._reroute import Reroute, find_reroute
+from ._trace import Scope, trace_scopes
 
-__all__ = ["Layer", "NormBeforeAct", "Analysis", "analyse", "FOLDABLE_TYPES"]
-
-# Weight layers whose output is linear in ``weight``: a BatchNorm after them folds exactly.
-# (StdConv2d & co. standardise their weight in forward, CondConv2d mixes experts.)
-FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
-)
-_FOLDABLE_TIMM_NAMES = {"Conv2dSame"}
-
-
+__all__ = ["Layer", "NormBeforeAct", "Analysis", "analyse"]
 
 @dataclass
 class Layer:
@@ -75,12 +67,6 @@ class Analysis:
     scopes: list[Scope]
     notes: list[tuple[str, str]] = field(default_factory=list)  # (module, message)
     reroutes: dict[str, Reroute] = field(default_factory=dict)  # attention module -> its reroute
-
-
-def is_foldable_into(module: nn.Module) -> bool:
-    """True when a BatchNorm after ``module`` can be folded into its weight and bias exactly."""
-    cls = ic_base(type(module)) if isinstance(module, ICWeightLayer) else type(module)
-    return cls in FOLDABLE_TYPES or cls.__name__ in _FOLDABLE_TIMM_NAMES
 
 
 def _out_features(module: nn.Module) -> int:

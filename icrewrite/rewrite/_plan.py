@@ -1,12 +1,12 @@
 """``plan``: every edit a conversion would make, computed without changing the model.
 
-A plan is made from the analysis (see ``analyse.py``) and the user's options:
+A plan is made from the analysis (see ``_analyse.py``) and the user's options:
 - ``insert-ic``: an IC block on the input of a weight layer;
 - ``fold-norm``: a BatchNorm before an activation, folded into the weight layer before it
   and replaced by ``nn.Identity`` (``replace-norm-act`` for timm's fused ``BatchNormAct2d``,
   replaced by its activation);
 - ``route-through-module``: an attention module that uses a weight layer's weight
-  functionally, made to call it as a module so that its IC block runs (``attention.py``);
+  functionally, made to call it as a module so that its IC block runs (``_reroute.py``);
   done only when one of those layers gets an IC block;
 and notes for what is left as it was, with the reason (stem, head, excluded, kept BatchNorm).
 """
@@ -18,10 +18,10 @@ from typing import Any
 
 from torch import nn
 
-from .analyse import Analysis, Layer, NormBeforeAct, analyse
-from .errors import ConversionError
-from .layers import ICWeightLayer
-from .layouts import LAYOUTS, ResidualUnit, residual_units
+from ..errors import ConversionError
+from ..layers import ICWeightLayer
+from ._analyse import Analysis, Layer, NormBeforeAct, analyse
+from ._layouts import LAYOUTS, ResidualUnit, residual_units
 
 __all__ = ["Options", "Edit", "Note", "Plan", "plan"]
 

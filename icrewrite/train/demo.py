@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .convert import convert
+from ..deploy import ExportReport, export_onnx
+from ..errors import ICRewriteError
+from ..rewrite import convert
 from .data import digits_loaders
-from .errors import ICRewriteError
-from .export import ExportReport, export_onnx
+from .loop import FinetuneResult, finetune
 from .plot import plot_history
-from .train import FinetuneResult, finetune
 
 __all__ = ["Comparison", "DemoConfig", "DemoResult", "FULL", "QUICK", "compare", "run_demo"]
 

@@ -1,28 +1,14 @@
-"""Reroutes: attention modules made to call their weight layers as modules.
+"""Attention modules that call their weight layers as modules, so that IC blocks on those layers run.
 
-Some attention modules pass a weight layer's ``weight`` to a function
-(``F.linear(x, self.qkv.weight, qkv_bias)``, ``F.multi_head_attention_forward``), so an
-IC block attached to that layer would never run. A reroute makes the attention compute
-the same function with those layers called as modules, so they become ordinary IC sites:
-
-- timm attention with a ``qkv_bias_separate`` flag (EVA, BEiT, Swin V2): set to True,
-  it computes ``self.qkv(x) + qkv_bias`` instead of ``F.linear(x, self.qkv.weight, qkv_bias)``;
-- torchvision's ``ShiftedWindowAttention(V2)``: the class becomes a subclass whose forward
-  is torchvision's ``shifted_window_attention`` with ``qkv`` and ``proj`` called as modules;
-- ``nn.MultiheadAttention`` called as packed, unmasked self-attention: a subclass that
-  calls ``out_proj`` as a module. Its input projection is a raw parameter
-  (``in_proj_weight``), not a module, so the IC block for it is the attention's own
-  child ``ic``, applied to the attention input (query = key = value).
-
-The subclasses keep the module's name, parameters and state-dict keys, and ``isinstance``
-holds; they are defined here, at module level, so converted models pickle.
+Subclasses of torchvision's ``ShiftedWindowAttention(V2)`` and of ``nn.MultiheadAttention``
+that compute the same function as their base class with the projections called as modules
+(see ``icrewrite.rewrite`` for when a module is rerouted to one of them). They keep the
+module's name, parameters and state-dict keys, and ``isinstance`` holds; they are defined at
+module level so converted models pickle.
 """
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -30,21 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
-from .errors import ConversionError
-from .layers import IC
+from ..errors import ConversionError
 
-__all__ = ["Reroute", "find_reroute", "route", "RoutedShiftedWindowAttention", "RoutedShiftedWindowAttentionV2",
-           "RoutedMultiheadAttention"]
-
-
-@dataclass(frozen=True)
-class Reroute:
-    """How an attention module is made to call its functionally used weight layers as modules."""
-
-    layers: tuple[str, ...]  # child weight layers that become module calls
-    input_features: int  # features of the IC block the attention gets on its own input (0: none)
-    detail: str
-    routed_class: type[nn.Module] | None = None  # the class it becomes; None: timm's qkv_bias_separate is set
+__all__ = ["RoutedShiftedWindowAttention", "RoutedShiftedWindowAttentionV2", "RoutedMultiheadAttention"]
 
 
 # --- torchvision's shifted-window attention, split around its two projections ---------------------
@@ -177,66 +151,3 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.embed_dim))
         return (out if self.batch_first else out.transpose(0, 1)), weights
-
-
-_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
-
-
-def _is_packed_self_attention(attention: nn.MultiheadAttention, calls: Sequence[fx.Node]) -> bool:
-    """True when ``attention`` projects with ``in_proj_weight`` and every traced call of it is
-    ``mha(x, x, x)`` without masks (what :class:`RoutedMultiheadAttention` computes)."""
-    if not (attention._qkv_same_embed_dim and attention.bias_k is None and not attention.add_zero_attn and calls):
-        return False
-    for node in calls:
-        try:
-            args = _MHA_SIGNATURE.bind(attention, *node.args, **node.kwargs).arguments
-        except TypeError:
-            return False
-        unmasked = all(args.get(name) in (None, False) for name in ("key_padding_mask", "attn_mask", "is_causal"))
-        if not (args["query"] is args["key"] is args["value"] and unmasked):
-            return False
-    return True
-
-
-_ROUTED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
-    ShiftedWindowAttention: RoutedShiftedWindowAttention,
-    ShiftedWindowAttentionV2: RoutedShiftedWindowAttentionV2,
-    nn.MultiheadAttention: RoutedMultiheadAttention,
-}
-
-
-def _has_separable_qkv_bias(attention: nn.Module) -> bool:
-    """timm attention (EVA, BEiT, Swin V2) whose ``qkv_bias_separate`` flag switches
-    ``F.linear(x, qkv.weight, qkv_bias)`` to ``qkv(x) + qkv_bias``."""
-    return (isinstance(getattr(attention, "qkv_bias_separate", None), bool)
-            and isinstance(getattr(attention, "qkv", None), nn.Linear))
-
-
-def find_reroute(attention: nn.Module, calls: Sequence[fx.Node]) -> Reroute | None:
-    """How to make ``attention`` call its weight layers as modules, or None when icrewrite
-    knows no way. ``calls``: the ``call_module`` nodes of ``attention`` in the traces."""
-    if _has_separable_qkv_bias(attention):
-        return Reroute(("qkv",), 0, "qkv_bias_separate = True: qkv called as a module, then its q/k/v bias added "
-                                    "(was F.linear with qkv.weight)")
-    routed = _ROUTED_CLASSES.get(type(attention))
-    if routed is RoutedMultiheadAttention and _is_packed_self_attention(attention, calls):
-        return Reroute(("out_proj",), attention.embed_dim, f"class {routed.__name__}: out_proj called as a module; "
-                       "IC on the attention input, before the packed in_proj_weight", routed)
-    if routed in (RoutedShiftedWindowAttention, RoutedShiftedWindowAttentionV2):
-        return Reroute(("qkv", "proj"), 0, f"class {routed.__name__}: qkv and proj called as modules "
-                                           "(was shifted_window_attention with their weights)", routed)
-    return None
-
-
-def route(attention: nn.Module, reroute: Reroute, ic: IC | None = None) -> None:
-    """Apply ``reroute`` to ``attention`` in place; ``ic`` is the IC block for its input, which
-    a reroute with ``input_features`` needs (``convert`` makes it as it makes every block)."""
-    if (ic is None) != (reroute.input_features == 0):
-        raise ConversionError(f"this reroute takes an IC block of {reroute.input_features} features on the attention "
-                              f"input, got {ic}")
-    if reroute.routed_class is None:
-        attention.qkv_bias_separate = True
-        return
-    attention.__class__ = reroute.routed_class
-    if ic is not None:
-        attention.ic = ic

@@ -8,15 +8,24 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from .files import atomic_path
+from ..errors import require
+from ..files import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_history", "plot_mean_std"]
 
 Record = Mapping[str, float]
+
+
+def figure(**kwargs: object) -> Figure:
+    """A new matplotlib ``Figure`` (``pip install 'icrewrite[train]'`` brings matplotlib)."""
+    return require("matplotlib.figure", "train").Figure(**kwargs)
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -33,7 +42,7 @@ def plot_history(runs: Mapping[str, Sequence[Record]], path: str | os.PathLike) 
     ``val_loss``, ``train_acc``, ``val_acc``, as in ``metrics.jsonl``); training curves
     are dashed, validation curves solid.
     """
-    fig = Figure(figsize=(10, 4))
+    fig = figure(figsize=(10, 4))
     loss_ax, acc_ax = fig.subplots(1, 2)
     for colour, (label, records) in enumerate(runs.items()):
         epochs = [r["epoch"] for r in records]
@@ -53,7 +62,7 @@ def plot_mean_std(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | os
 
     ``curves[metric][label]`` is an array of shape ``(seeds, epochs)``.
     """
-    fig = Figure(figsize=(5 * len(curves), 4))
+    fig = figure(figsize=(5 * len(curves), 4))
     axes = np.atleast_1d(fig.subplots(1, len(curves)))
     for ax, (metric, by_label) in zip(axes, curves.items()):
         for colour, (label, values) in enumerate(by_label.items()):

@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
-from .errors import DataError
+from ..errors import DataError, require
 
 __all__ = [
     "DIGITS",
@@ -66,7 +64,7 @@ def _holdout(targets: np.ndarray, train: bool) -> np.ndarray:
     """Indices of the fixed stratified train or test part of a labelled set."""
     indices = np.arange(len(targets))
     stratify = targets if np.unique(targets, return_counts=True)[1].min() >= 2 else None
-    train_idx, test_idx = train_test_split(
+    train_idx, test_idx = require("sklearn.model_selection", "train").train_test_split(
         indices, test_size=HOLDOUT_FRACTION, stratify=stratify, random_state=SPLIT_SEED)
     return np.sort(train_idx if train else test_idx)
 
@@ -82,7 +80,7 @@ class DigitsDataset(Dataset):
     num_classes = 10
 
     def __init__(self, split: str = "train", img_size: int = 32) -> None:
-        digits = load_digits()
+        digits = require("sklearn.datasets", "train").load_digits()
         images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)
         train_images = images[_holdout(digits.target, train=True)]
         keep = _holdout(digits.target, train=is_train_split(split))

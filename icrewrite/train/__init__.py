@@ -1,0 +1,8 @@
+"""Fine-tuning (``loop``: one process or torchrun + DDP, resumable), data loaders (``data``),
+training curves (``plot``) and the demo (``demo``). Needs ``pip install 'icrewrite[train]'``
+for the plots and the bundled digits data."""
+from __future__ import annotations
+
+from .loop import FinetuneConfig, FinetuneResult, finetune
+
+__all__ = ["finetune", "FinetuneConfig", "FinetuneResult"]
