@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch.fx as fx
+import torch.nn.functional as F
 import torchvision.ops.misc
 from timm import layers as timm_layers
 from torch import nn
@@ -36,6 +37,7 @@ from .errors import ConversionError
 from .layers import ICWeightLayer, ic_base
 
 __all__ = [
+    "WEIGHT_FUNCTIONS",
     "WeightLayer",
     "register_weight_layer",
     "register_norm",
@@ -52,6 +54,11 @@ __all__ = [
     "is_passthrough_module",
     "reroute_finders",
 ]
+
+# Functions that apply a weight to their input (argument 1, or ``weight=``): what a weight
+# layer's forward calls, and what the analysis looks for in modules that are none.
+WEIGHT_FUNCTIONS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                              F.conv_transpose3d})
 
 ModuleClass = TypeVar("ModuleClass", bound=type)
 Features = Callable[[nn.Module], "tuple[int, int]"]

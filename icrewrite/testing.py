@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
 from .layers import IC, ICWeightLayer
-from .registry import is_weight_layer
+from .registry import WEIGHT_FUNCTIONS, is_batchnorm, is_weight_layer
 from .rewrite import TOLERANCE, clone_module, convert, output_tensors, plan, verify
 
 
@@ -32,17 +32,13 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
         return (torch.rand(t.shape, generator=gen) * (high - low) + low).to(t)
 
     for module in model.modules():
-        if isinstance(module, _NormBase) or type(module).__name__.startswith("FrozenBatchNorm"):
+        if isinstance(module, _NormBase) or is_batchnorm(module):
             for name, low, high in (("running_mean", -0.5, 0.5), ("running_var", 0.3, 3.0), ("weight", 0.3, 2.0), ("bias", -0.5, 0.5)):
                 t = getattr(module, name, None)
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
                     t.copy_(rand(t, low, high))
     return model
 
-
-_WEIGHT_OPS = frozenset({
-    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-})
 
 # Dropout probability of the placement check: dropped positions are then unmistakable
 # (exact zeros, about half of them) and the kept ones carry the 1/(1-p) scale.
@@ -151,7 +147,7 @@ class _WeightOpRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _WEIGHT_OPS and args:
+        if func in WEIGHT_FUNCTIONS and args:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             name = self.owners.get(id(weight)) or (self.running[-1] if self.running else None)
             site = self.sites.get(name)

@@ -42,3 +42,12 @@ def test_compare_on_imagefolder(tmp_path: Path) -> None:
     rows = [line.split()[0] for line in out.splitlines()]
     assert "original" in rows and "IC" in rows
     assert (tmp_path / "out" / "comparison.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_register_custom_layers() -> None:
+    out = run_example("register_custom_layers.py")
+    before, after = out.split("after registering:")
+    assert "register_weight_layer(__main__.ScaledConv)" in before and "insert-ic  attention.qkv" not in before
+    assert "insert-ic             conv" in after and "route-through-module  attention" in after
+    assert "ICScaledConv is a ScaledConv: True" in out
+    assert "placement and function checks at 4 sites: pass" in out

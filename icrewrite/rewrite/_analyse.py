@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import ICWeightLayer
-from ..registry import is_batchnorm, is_foldable_into, is_weight_layer, weight_layer_features
+from ..registry import WEIGHT_FUNCTIONS, is_batchnorm, is_foldable_into, is_weight_layer, weight_layer_features
 from ._patterns import Activation, activation_of, fused_activation, through_passthrough
 from ._probe import probe_weight_use
 from ._reroute import Reroute, find_reroute
@@ -95,7 +95,46 @@ def _fold_blocker(norm: nn.Module, producer: fx.Node, scope: Scope, modules: dic
     return None
 
 
-def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBeforeAct]) -> None:
+def _weight_owner(node: fx.Node, scope: Scope) -> str | None:
+    """The module whose parameter a weight function call applies (directly, or after weight-only
+    ops such as standardisation), as a name in the whole model; None when it is not a parameter."""
+    weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+    pending, seen = [weight], set()
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, fx.Node) or current in seen or current.op in ("placeholder", "call_module"):
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            return scope.qualname(current.target.rpartition(".")[0])
+        pending.extend(current.all_input_nodes)
+    return None
+
+
+def _unregistered_weights(scope: Scope, layers: dict[str, Layer], modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """Notes for modules that apply a weight of their own with ``F.conv*``/``F.linear`` in their
+    forward but are no registered weight layer: they get no IC block, and the note says how to
+    register them (a weight layer's weight used elsewhere is handled as ``functional``)."""
+    notes: dict[str, str] = {}
+    for node in scope.graph.nodes:
+        if node.op != "call_function" or node.target not in WEIGHT_FUNCTIONS:
+            continue
+        owner = _weight_owner(node, scope)
+        if owner is None or owner in layers or owner in notes:
+            continue
+        module = modules.get(owner[len(scope.prefix) + 1:] if scope.prefix else owner)
+        if module is None or any(name == owner or owner.startswith(name + ".") for name in layers):
+            continue
+        cls = type(module)
+        notes[owner] = (f"applies its own weight with {node.target.__name__} but {cls.__name__} is not a registered "
+                        f"weight layer, so it gets no IC block; register it: "
+                        f"icrewrite.register_weight_layer({cls.__module__}.{cls.__qualname__})")
+    return list(notes.items())
+
+
+def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBeforeAct]) -> list[tuple[str, str]]:
+    """Mark the scope's weight layers and collect its BatchNorm -> activation patterns; returns
+    notes for weights applied by modules that are no registered weight layer."""
     assert scope.graph is not None
     modules = dict(scope.module.named_modules())
     nodes = list(scope.graph.nodes)
@@ -131,6 +170,7 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
                     target = scope.qualname(user.target) if user.op == "call_module" else None
                     if target in layers:
                         layers[target].source = (name, act)
+    return _unregistered_weights(scope, layers, modules)
 
 
 def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> None:
@@ -188,7 +228,7 @@ def analyse(model: nn.Module) -> Analysis:
         for name in scope.input_layers:
             layers[name].reads_model_input = True
         if scope.graph is not None:
-            _analyse_scope(scope, layers, norms)
+            notes.extend(_analyse_scope(scope, layers, norms))
         elif scope.error is not None:
             notes.append((scope.prefix or "<model>", f"not traceable ({scope.error}); weight layers inside get IC, "
                           "BatchNorms inside are kept"))

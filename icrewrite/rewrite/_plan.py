@@ -173,7 +173,8 @@ def _skip_reason(layer: Layer, options: Options, heads: set[str]) -> str | None:
     if not options.stem and layer.reads_model_input:
         return "stem: reads the model input (stem=False)"
     if layer.functional and not layer.called and layer.routed_by is None:
-        return "its weight is used functionally, never through the module: an IC block would not run"
+        return ("its weight is used functionally, never through the module: an IC block would not run (a reroute "
+                "registered with icrewrite.register_reroute can make it a module call)")
     return None
 
 

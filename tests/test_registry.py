@@ -1,0 +1,145 @@
+"""The registry: built-in recognition by class, and users' own weight layers and attention."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm.layers
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icrewrite
+from icrewrite import ConversionError
+from icrewrite.layers import ICWeightLayer
+from icrewrite.registry import (is_activation_module, is_batchnorm, is_foldable_into, is_passthrough_module,
+                                is_weight_layer, weight_layer_features)
+from icrewrite.testing import check_conversion, randomize_norms
+
+
+class ScaledConv(nn.Module):
+    """A user's convolution: its own weight Parameter, applied with ``F.conv2d`` (no nn.Conv2d)."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels_out, channels_in, 3, 3) / math.sqrt(9 * channels_in))
+        self.gain = nn.Parameter(torch.ones(channels_out, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.gain, padding=1)
+
+
+class RegisteredScaledConv(ScaledConv):
+    """The same layer, registered (below) with the features of its input."""
+
+
+icrewrite.register_weight_layer(RegisteredScaledConv, features=lambda m: (m.weight.shape[1], 1))
+
+
+def net(conv: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), conv(8, 8), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_an_unregistered_layer_that_applies_a_weight_is_named_with_how_to_register_it():
+    plan = icrewrite.plan(net(ScaledConv))
+    notes = {n.target: n.reason for n in plan.notes}
+    assert "register_weight_layer(test_registry.ScaledConv)" in notes["3"]
+    assert "conv2d" in notes["3"] and "no IC block" in notes["3"]
+    assert "3" not in {e.target for e in plan.edits}
+    assert "3 " in str(plan) and "keep" in str(plan)
+
+
+def test_a_registered_layer_gets_its_ic_block_and_passes_every_check():
+    model = randomize_norms(net(RegisteredScaledConv), seed=2).eval()
+    plan = icrewrite.plan(model)
+    assert [e.target for e in plan.edits if e.action == "insert-ic"] == ["3", "8"]
+    assert not any("register_weight_layer" in n.reason for n in plan.notes)
+    converted = icrewrite.convert(model)
+    assert isinstance(converted[3], ICWeightLayer) and isinstance(converted[3], RegisteredScaledConv)
+    assert converted[3].ic.num_features == 8
+    result = check_conversion(model, torch.randn(16, 3, 12, 12))
+    assert result.ok, result.failures
+    assert result.sites == 2
+
+
+class FusedQKVAttention(nn.Module):
+    """A user's attention that uses its qkv layer's weight functionally (an IC block on qkv would not run)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_bias = nn.Parameter(torch.randn(3 * dim) * 0.1)
+        self.proj = nn.Linear(dim, dim)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.proj(F.scaled_dot_product_attention(q, k, v))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(F.linear(x, self.qkv.weight, self.qkv_bias))
+
+
+class RoutedFusedQKVAttention(FusedQKVAttention):
+    """The same function with ``qkv`` called as a module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.qkv(x) + self.qkv_bias)
+
+
+def find_route(attention: nn.Module, calls: object) -> icrewrite.Reroute | None:
+    if type(attention) is not FusedQKVAttention:
+        return None
+    return icrewrite.Reroute(("qkv",), 0, "qkv called as a module", RoutedFusedQKVAttention)
+
+
+class Tokens(nn.Module):
+    def __init__(self, attention: type[nn.Module]) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.attention = attention(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(self.norm(self.embed(x))).mean(1))
+
+
+def test_an_unregistered_attention_leaves_its_functional_weight_as_a_note():
+    class Unrouted(FusedQKVAttention):
+        pass
+
+    plan = icrewrite.plan(Tokens(Unrouted))
+    notes = {n.target: n.reason for n in plan.notes}
+    assert "used functionally" in notes["attention.qkv"]
+
+
+def test_a_registered_reroute_makes_the_attention_an_ic_site():
+    icrewrite.register_reroute(FusedQKVAttention, find_route, reason="test attention")
+    model = Tokens(FusedQKVAttention).eval()
+    plan = icrewrite.plan(model)
+    assert [e.target for e in plan.edits if e.action == "route-through-module"] == ["attention"]
+    assert "attention.qkv" in {e.target for e in plan.edits if e.action == "insert-ic"}
+    converted = icrewrite.convert(model)
+    assert type(converted.attention) is RoutedFusedQKVAttention
+    result = check_conversion(model, torch.randn(8, 5, 6))
+    assert result.ok, result.failures
+
+
+@pytest.mark.parametrize("register", [icrewrite.register_weight_layer, icrewrite.register_norm,
+                                      icrewrite.register_activation, icrewrite.register_passthrough])
+def test_registering_something_that_is_not_a_module_class_is_refused(register):
+    with pytest.raises(ConversionError, match="nn.Module subclass"):
+        register(F.relu)
+
+
+def test_the_built_in_layers_are_registered_by_class():
+    std = timm.layers.StdConv2d(4, 4, 3)
+    assert is_weight_layer(nn.Conv2d(2, 3, 1)) and is_weight_layer(std) and is_weight_layer(nn.Linear(2, 3))
+    assert weight_layer_features(nn.Linear(5, 3)) == (5, -1) and weight_layer_features(std) == (4, 1)
+    assert is_foldable_into(nn.Conv2d(2, 3, 1)) and not is_foldable_into(std)  # StdConv2d standardises its weight
+    assert is_batchnorm(nn.BatchNorm2d(3)) and is_batchnorm(timm.layers.BatchNormAct2d(3))
+    assert not is_batchnorm(nn.LayerNorm(3))
+    assert is_activation_module(nn.ReLU()) and is_activation_module(timm.layers.GELU())
+    assert not is_activation_module(nn.Softmax(dim=1))
+    assert is_passthrough_module(nn.Dropout()) and is_passthrough_module(timm.layers.DropPath(0.1))
