@@ -10,6 +10,15 @@ from pathlib import Path
 from .errors import ICRewriteError
 
 
+def refuse_overwrite(*paths: str | os.PathLike, error: type[ICRewriteError] = ICRewriteError) -> None:
+    """Raise ``error`` naming those of ``paths`` that exist: outputs are replaced only with
+    ``--force`` (``force=True``), and commands check before their work, not after it."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise error(f"output exists: {shown}; pass --force (force=True) to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds.
@@ -18,8 +27,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     With ``force=False`` an existing ``path`` is an error instead of being replaced.
     """
     path = Path(path)
-    if not force and path.exists():
-        raise ICRewriteError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if not force:
+        refuse_overwrite(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .errors import ICRewriteError
 from .files import atomic_path
-from .layers import IC, ICWeightLayer
+from .layers import IC, ICWeightLayer, feature_columns
 from .registry import is_weight_layer, weight_layer_features
 from .train.plot import figure
 
@@ -234,14 +234,6 @@ class SiteStats:
         return {**dataclasses.asdict(self), **{key: getattr(self, key) for key in derived}}
 
 
-def _feature_matrix(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
-    """``(features, samples)`` view of a weight-layer input: features are dim 1 for
-    convolutions ``(N, C, *)`` and the last dim for ``Linear`` ``(*, C)``."""
-    if feature_dim == 1:
-        return x.transpose(0, 1).reshape(x.shape[1], -1)
-    return x.reshape(-1, x.shape[-1]).T
-
-
 def _correlation_shrink(ic: nn.Module) -> torch.Tensor:
     """Per feature ``1 / sqrt(1 + p beta^2 / gamma^2)``: with ``z = BN(x)`` of batch mean
     ``beta`` and variance ``gamma^2``, ``corr(drop(z_i), drop(z_j)) = q corr(z_i, z_j)``
@@ -252,7 +244,7 @@ def _correlation_shrink(ic: nn.Module) -> torch.Tensor:
     return (1 + ic.p * (shift / scale) ** 2).rsqrt()
 
 
-class _Site:
+class _MeasuredSite:
     """Accumulators for one measured position and the hook that feeds them.
 
     ``module`` is an IC block (its input and output are measured) or a weight layer of an
@@ -281,7 +273,7 @@ class _Site:
         return self.module.register_forward_hook(lambda _module, args, output: self.record(args[0], output))
 
     def _matrix(self, x: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-        matrix = _feature_matrix(x.index_select(self.feature_dim, self.features.to(x.device)), self.feature_dim)
+        matrix = feature_columns(x.index_select(self.feature_dim, self.features.to(x.device)), self.feature_dim).T
         return matrix if columns is None else matrix[:, columns]
 
     def record(self, x_in: torch.Tensor, x_out: torch.Tensor | None) -> None:
@@ -337,7 +329,7 @@ def has_ic_blocks(model: nn.Module) -> bool:
     return any(isinstance(m, ICWeightLayer) for m in model.modules())
 
 
-def _make_sites(model: nn.Module, names: Iterable[str] | None, **options: Any) -> list[_Site]:
+def _make_sites(model: nn.Module, names: Iterable[str] | None, **options: Any) -> list[_MeasuredSite]:
     """The IC blocks of a converted model, or else its weight layers (only ``names`` if given).
 
     Features are drawn from ``(number of features, seed)`` alone, so the same position
@@ -350,9 +342,9 @@ def _make_sites(model: nn.Module, names: Iterable[str] | None, **options: Any) -
         if wanted is not None and name not in wanted:
             continue
         if converted and isinstance(module, ICWeightLayer):
-            sites.append(_Site(name, module.ic, **options))
+            sites.append(_MeasuredSite(name, module.ic, **options))
         elif not converted and is_weight_layer(module):
-            sites.append(_Site(name, module, **options))
+            sites.append(_MeasuredSite(name, module, **options))
     return sites
 
 
@@ -374,7 +366,7 @@ def _train_mode_without_updates(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+def _seeded_dropout(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNG (Dropout masks) for the block and give the caller's state back."""
     accelerators = [] if device.type == "cpu" else [device]
     with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else None):
@@ -404,7 +396,7 @@ def _measure(
     handles = [site.attach() for site in sites]
     parameter = next(model.parameters())
     try:
-        with _train_mode_without_updates(model), _seeded_rng(parameter.device, seed):
+        with _train_mode_without_updates(model), _seeded_dropout(parameter.device, seed):
             bar = tqdm(batches, desc=f"stats {type(model).__name__}", unit="batch", disable=not progress, leave=False)
             for batch in bar:
                 model(batch.to(parameter.device, parameter.dtype))

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.overrides import TorchFunctionMode
 
-from .layers import IC, ICWeightLayer
+from .layers import IC, ICWeightLayer, feature_columns
 from .registry import WEIGHT_FUNCTIONS, is_batchnorm, is_weight_layer
 from .rewrite import TOLERANCE, clone_module, convert, output_tensors, plan, verify
 
@@ -45,12 +44,6 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 PLACEMENT_P = 0.5
 
 
-def _features_last(t: torch.Tensor, feature_dim: int) -> torch.Tensor:
-    """``t`` as ``(samples, features)``; features are dim 1 (convolution input) or the last dim."""
-    t = t.movedim(1, -1) if feature_dim == 1 else t
-    return t.reshape(-1, t.shape[-1])
-
-
 @torch.no_grad()
 def _ic_deviation(ic: IC, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """How far the kept outputs ``y = ic(x)`` are from train-mode ``BatchNorm(x) / (1 - p)``, and how many were dropped.
@@ -62,7 +55,7 @@ def _ic_deviation(ic: IC, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]
     equal their own ``beta / (1 - p)``, not 0. Dropped outputs are exact zeros.
     """
     norm = ic.norm
-    xs, ys = _features_last(x, ic.feature_dim).double(), _features_last(y, ic.feature_dim).double()
+    xs, ys = feature_columns(x, ic.feature_dim).double(), feature_columns(y, ic.feature_dim).double()
     mean, std = xs.mean(0), (xs.var(0, unbiased=False) + norm.eps).sqrt()
     keep = 1.0 - ic.p
     scale = norm.weight.double() / std / keep
@@ -96,7 +89,7 @@ def _reads(weight_input: torch.Tensor, output: torch.Tensor) -> bool:
 
 
 @dataclass
-class _Site:
+class _ObservedSite:
     """What one IC site did during the checking forward pass."""
 
     ic_calls: int = 0
@@ -141,7 +134,7 @@ class _WeightOpRecorder(TorchFunctionMode):
     layer whose ``forward`` is running (``running``, innermost last).
     """
 
-    def __init__(self, owners: dict[int, str], running: list[str], sites: dict[str, _Site]) -> None:
+    def __init__(self, owners: dict[int, str], running: list[str], sites: dict[str, _ObservedSite]) -> None:
         super().__init__()
         self.owners, self.running, self.sites = owners, running, sites
 
@@ -161,7 +154,7 @@ class _WeightOpRecorder(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _observed(model: nn.Module, sites: Iterable[str]) -> Iterator[dict[str, _Site]]:
+def _observed(model: nn.Module, sites: Iterable[str]) -> Iterator[dict[str, _ObservedSite]]:
     """Within the block, record what the IC block of each site (a weight layer name) computes
     and what the layer's weight is applied to. Weight ops are intercepted with a
     ``TorchFunctionMode``, so this trusts no module structure beyond the ``ic`` child.
@@ -171,7 +164,7 @@ def _observed(model: nn.Module, sites: Iterable[str]) -> Iterator[dict[str, _Sit
     """
     layers = {name: m for name, m in model.named_modules() if is_weight_layer(m)}
     owners = {id(m.weight): name for name, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
-    records = {name: _Site() for name in sites}
+    records = {name: _ObservedSite() for name in sites}
     running: list[str] = []
 
     def enter(name: str) -> Callable[..., None]:

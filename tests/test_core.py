@@ -63,7 +63,7 @@ def test_ic_dropout_zeroes_a_fraction_p_in_training():
 
 @pytest.mark.parametrize("p", [-0.1, 1.0])
 def test_ic_rejects_invalid_p(p):
-    with pytest.raises(ValueError, match="dropout probability"):
+    with pytest.raises(icrewrite.ConversionError, match="p must be in"):  # the one check Options uses too
         IC(4, p=p)
 
 

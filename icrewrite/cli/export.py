@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..deploy import EXPORTERS
+from ..errors import ExportError
+from ..files import refuse_overwrite
 from . import add_command, add_model_arguments, model_from_args, progress
 
 
@@ -40,10 +42,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..deploy.onnx import export_onnx, refuse_overwrite  # onnx and onnxruntime: only when exporting
+    from ..deploy.onnx import export_onnx  # onnx and onnxruntime: only when exporting
 
     if not args.force:
-        refuse_overwrite(args.output)  # before loading and exporting, not after
+        refuse_overwrite(args.output, error=ExportError)  # before loading and exporting, not after
     model = model_from_args(args)
     progress(f"exporting to {args.output}")
     report = export_onnx(

@@ -22,7 +22,8 @@ from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from ..errors import ExportError
-from ..layers import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, ICWeightLayer, ic_base
+from ..layers import (BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d, ICWeightLayer, ic_base,
+                      swap_class)
 
 __all__ = [
     "fold_ic",
@@ -197,7 +198,7 @@ def _detach_ic(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove the IC from ``layer`` (back to its base class); return its eval ``(scale, shift)`` in float64."""
     scale, shift = layer.ic.affine()
     del layer.ic
-    layer.__class__ = ic_base(type(layer))
+    swap_class(layer, ic_base(type(layer)))
     return scale.double(), shift.double()
 
 
@@ -260,5 +261,5 @@ def _fold_padded_conv(conv: nn.modules.conv._ConvNd, input_shape: torch.Size) ->
     ones = torch.ones(1, conv.in_channels, *input_shape[1:], dtype=torch.float64, device=conv.weight.device)
     shift_map = conv._conv_forward(ones, weight_shift, None)[0]
     interior = weight_shift.flatten(1).sum(1).view(-1, *([1] * (shift_map.dim() - 1)))
-    conv.__class__ = _BORDER_CLASSES[_plain_conv(type(conv))]
+    swap_class(conv, _BORDER_CLASSES[_plain_conv(type(conv))])
     conv.register_buffer("border", (shift_map - interior).to(conv.weight.dtype))

@@ -20,25 +20,26 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import model_info
 from ..errors import ExportError, require
-from ..files import atomic_path
+from ..files import atomic_path, refuse_overwrite
+from ..rewrite import TOLERANCE, output_tensors
 from . import EXPORTERS
 from .fold import FoldReport, fold_ic
 
 onnx = require("onnx", "onnx")
 onnxruntime = require("onnxruntime", "onnx")
 
-__all__ = ["export_onnx", "ExportReport", "Parity", "EXPORTERS", "refuse_overwrite"]
+__all__ = ["export_onnx", "ExportReport", "Parity"]
 
 Exporter = Literal["dynamo", "torchscript"]
 INPUT_NAME = "input"
-RELATIVE_TOLERANCE = 1e-4
 _EXAMPLE_BATCH = 2  # torch.export specialises a batch of 1, so the dynamic batch is traced at 2
 _SEED = 0
 
@@ -53,7 +54,7 @@ class Parity:
 
     @property
     def tolerance(self) -> float:
-        return RELATIVE_TOLERANCE * self.max_abs_output
+        return TOLERANCE * self.max_abs_output
 
     @property
     def ok(self) -> bool:
@@ -132,7 +133,7 @@ def export_onnx(
     """
     path = Path(path)
     if not force:
-        refuse_overwrite(path)
+        refuse_overwrite(path, error=ExportError)
     input_size = _input_size(model, input_size)
     deployed = copy.deepcopy(model).cpu().eval()
     batches = (1, 4) if dynamic_batch else (1,)
@@ -169,22 +170,16 @@ def export_onnx(
                 metadata=file_metadata,
             )
     reasons = "; ".join(f"{name}: {why}" for name, why in rejected.items())
-    raise ExportError(f"cannot export {_model_name(model) or type(model).__name__} to ONNX ({reasons})")
+    raise ExportError(f"cannot export {model_info.architecture(model)} to ONNX ({reasons})")
 
 
-def refuse_overwrite(path: str | Path) -> None:
-    """Raise ``ExportError`` if ``path`` exists (checked before the export's minutes of work)."""
-    if Path(path).exists():
-        raise ExportError(f"{path} exists; pass --force (force=True) to overwrite it")
-
-
-def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    """``input_size`` as given, else the one in the model's timm ``pretrained_cfg``."""
-    if input_size is None:
-        input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    if input_size is None:
+def _input_size(model: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
+    """The export's input size; a model that records none must be told it (a wrong guess would
+    export a graph for another size)."""
+    size = model_info.input_size(model, given)
+    if size is None:
         raise ExportError("the model has no pretrained_cfg['input_size']; pass the input size, e.g. 3 224 224")
-    return tuple(int(d) for d in input_size)
+    return size
 
 
 def _random_input(batch: int, input_size: tuple[int, ...]) -> torch.Tensor:
@@ -193,20 +188,7 @@ def _random_input(batch: int, input_size: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def _run_torch(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
-    return [t.numpy() for t in _tensors(model(x))]
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, or nested tuple/list/dict), in exporter order."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    return [t for item in output for t in _tensors(item)]
-
-
-def _model_name(model: nn.Module) -> str:
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
+    return [t.numpy() for t in output_tensors(model(x))]
 
 
 def _metadata(
@@ -221,7 +203,7 @@ def _metadata(
         "dynamic_batch": json.dumps(dynamic_batch),
         "icrewrite_fold": json.dumps(fold_report.to_dict() if fold_report else None),
     }
-    if name := _model_name(model):
+    if name := model_info.timm_architecture(model):
         metadata["timm_model"] = name
     if (options := getattr(model, "icrewrite_options", None)) is not None:
         metadata["icrewrite_options"] = json.dumps(options)
@@ -269,7 +251,7 @@ def _export_torchscript(
     model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool
 ) -> None:
     with torch.no_grad():
-        num_outputs = len(_tensors(model(example)))
+        num_outputs = len(output_tensors(model(example)))
     output_names = ["output"] if num_outputs == 1 else [f"output{i}" for i in range(num_outputs)]
     batch_axis = {0: "batch"}
     dynamic_axes = {name: batch_axis for name in (INPUT_NAME, *output_names)} if dynamic_batch else None

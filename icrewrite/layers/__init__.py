@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from .attention import RoutedMultiheadAttention, RoutedShiftedWindowAttention, RoutedShiftedWindowAttentionV2
 from .border import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d
-from .ic import IC, ICBatchNorm, ICWeightLayer, _new_ic_layer, attach_ic, bn_affine, ic_base, ic_class
+from .ic import _new_ic_layer  # noqa: F401  (named by pickles of 0.1.0: icrewrite.layers._new_ic_layer)
+from .ic import (IC, ICBatchNorm, ICWeightLayer, attach_ic, bn_affine, check_probability,
+                 feature_columns, ic_base, ic_class, swap_class)
 
 __all__ = [
-    "IC", "ICBatchNorm", "ICWeightLayer", "ic_class", "ic_base", "attach_ic", "bn_affine",
+    "IC", "ICBatchNorm", "ICWeightLayer", "ic_class", "ic_base", "attach_ic", "bn_affine", "swap_class",
+    "feature_columns", "check_probability",
     "RoutedShiftedWindowAttention", "RoutedShiftedWindowAttentionV2", "RoutedMultiheadAttention",
     "BorderCorrectedConv1d", "BorderCorrectedConv2d", "BorderCorrectedConv3d",
 ]

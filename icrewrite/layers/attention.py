@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from ..errors import ConversionError
+from .ic import IC
 
 __all__ = ["RoutedShiftedWindowAttention", "RoutedShiftedWindowAttentionV2", "RoutedMultiheadAttention"]
 

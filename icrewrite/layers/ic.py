@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..compat import register_notrace_module
+from ..errors import ConversionError
 from . import fast as fast_ic
 
 __all__ = [
@@ -27,6 +28,9 @@ __all__ = [
     "attach_ic",
     "ic_base",
     "bn_affine",
+    "swap_class",
+    "feature_columns",
+    "check_probability",
 ]
 
 
@@ -87,8 +91,7 @@ class IC(nn.Module):
         super().__init__()
         if feature_dim not in (1, -1):
             raise ValueError(f"feature_dim must be 1 (convolution input) or -1 (Linear input), got {feature_dim}")
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        check_probability(p)
         self.feature_dim = feature_dim
         self.norm = ICBatchNorm(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.drop = nn.Dropout(p)
@@ -188,8 +191,35 @@ def _new_ic_layer(base: type[nn.Module]) -> nn.Module:
     return cls.__new__(cls)
 
 
+def swap_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """Make ``module`` an instance of ``cls`` in place: its name, parameters, buffers and hooks stay.
+
+    How icrewrite changes what a module computes without changing its state-dict keys:
+    ``cls`` is a subclass of the module's class (``IC<Base>``, a routed attention, a
+    border-corrected conv) or, to undo one, its base; both read the same attributes.
+    """
+    if not (issubclass(cls, type(module)) or issubclass(type(module), cls)):
+        raise TypeError(f"cannot turn a {type(module).__name__} into an unrelated {cls.__name__}")
+    module.__class__ = cls
+    return module
+
+
 def attach_ic(layer: nn.Module, ic: IC) -> nn.Module:
     """Give ``layer`` the IC block ``ic`` in place, keeping its name, parameters and hooks."""
-    layer.__class__ = ic_class(type(layer))
+    swap_class(layer, ic_class(type(layer)))
     layer.ic = ic
     return layer
+
+
+def feature_columns(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """A weight layer's input as a ``(samples, features)`` matrix: features are dim 1 of a
+    convolution input ``(N, C, *)`` (``feature_dim=1``) or the last dim of ``(*, C)`` (``-1``)."""
+    x = x.movedim(1, -1) if feature_dim == 1 else x
+    return x.reshape(-1, x.shape[-1])
+
+
+def check_probability(p: float) -> float:
+    """``p`` if it is a dropout probability IC accepts (``0 <= p < 1``), else a ``ConversionError``."""
+    if not 0.0 <= p < 1.0:
+        raise ConversionError(f"p must be in [0, 1), got {p}")
+    return p

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import IC
+from ..layers import IC, feature_columns
 from ._patterns import Activation
 
 __all__ = ["activation_moments", "site_moments", "calibrate"]
@@ -103,9 +103,7 @@ def calibrate(model: nn.Module, data: Iterable | torch.Tensor, *, max_batches: i
     sums: dict[IC, list[torch.Tensor]] = {}
 
     def record(block: IC, args: tuple) -> None:
-        x = args[0].detach()
-        x = x.transpose(1, -1) if block.feature_dim == 1 else x
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = feature_columns(args[0].detach(), block.feature_dim).double()
         acc = sums.setdefault(block, [torch.zeros(()), torch.zeros(()), torch.zeros(())])
         acc[0] = acc[0] + x.sum(0)
         acc[1] = acc[1] + (x * x).sum(0)

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConversionError
-from ..layers import ICWeightLayer
+from ..layers import ICWeightLayer, check_probability
 from ._analyse import Analysis, Layer, NormBeforeAct, analyse
 from ._layouts import LAYOUTS, ResidualUnit, residual_units
 
@@ -40,8 +40,7 @@ class Options:
     layout: str = "relu-ic-conv"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p < 1.0:
-            raise ConversionError(f"p must be in [0, 1), got {self.p}")
+        check_probability(self.p)
         if self.init not in INITS:
             raise ConversionError(f"init must be one of {INITS}, got {self.init!r}")
         if self.layout not in LAYOUTS:

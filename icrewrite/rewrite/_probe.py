@@ -18,10 +18,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Usage", "probe_weight_use", "example_input_size"]
+from .. import model_info
 
-_DEFAULT_INPUT_SIZE = (3, 224, 224)
-
+__all__ = ["Usage", "probe_weight_use"]
 
 @dataclass
 class Usage:
@@ -29,12 +28,6 @@ class Usage:
 
     called: set[str] = field(default_factory=set)  # their forward ran
     weight_used_outside: set[str] = field(default_factory=set)  # weight read by an op outside their forward
-
-
-def example_input_size(model: nn.Module) -> tuple[int, ...]:
-    """``(C, H, W)`` the model expects: timm's ``pretrained_cfg["input_size"]``, else 3x224x224."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size") or _DEFAULT_INPUT_SIZE)
 
 
 class _WeightUseRecorder(TorchFunctionMode):
@@ -58,8 +51,8 @@ def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[
                      ) -> Usage | None:
     """Which of ``layers`` (module names) one forward pass calls, and whose weights it uses elsewhere.
 
-    Returns None when the model does not run on a meta input of ``input_size`` (default:
-    :func:`example_input_size`), e.g. because it reads tensor values.
+    Returns None when the model does not run on a meta input of ``input_size`` (default: the
+    model's, see :func:`icrewrite.model_info.input_size`), e.g. because it reads tensor values.
     """
     layers = set(layers)
     stand_ins = {name: torch.empty_like(t, device="meta")
@@ -71,7 +64,7 @@ def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[
         module = model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(lambda m, a, n=name: active.add(n) or usage.called.add(n)))
         handles.append(module.register_forward_hook(lambda m, a, o, n=name: active.discard(n)))
-    x = torch.empty(2, *(input_size or example_input_size(model)), device="meta")
+    x = torch.empty(2, *(model_info.input_size(model, input_size) or model_info.DEFAULT_INPUT_SIZE), device="meta")
     was_training = model.training
     try:
         model.eval()

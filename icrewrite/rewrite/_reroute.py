@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from ..errors import ConversionError
-from ..layers import IC
+from ..layers import IC, swap_class
 from ..layers.attention import RoutedMultiheadAttention, RoutedShiftedWindowAttention, RoutedShiftedWindowAttentionV2
 from ..registry import register_reroute, reroute_finders
 
@@ -107,7 +107,7 @@ def route(attention: nn.Module, reroute: Reroute, ic: IC | None = None) -> None:
     if reroute.routed_class is None:
         attention.qkv_bias_separate = True
         return
-    attention.__class__ = reroute.routed_class
+    swap_class(attention, reroute.routed_class)
     if ic is not None:
         attention.ic = ic
 

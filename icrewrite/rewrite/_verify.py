@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConversionError
+
 __all__ = ["Report", "verify", "output_tensors"]
 
 TOLERANCE = 1e-4  # max abs error allowed, relative to max |output|
@@ -100,7 +102,7 @@ def verify(original: nn.Module, converted: nn.Module, example_input: torch.Tenso
     if example_input is not None:
         ref, out = _eval_outputs(original, example_input), _eval_outputs(converted, example_input)
         if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
-            raise ValueError("the two models return outputs of different structure or shape")
+            raise ConversionError("the two models return outputs of different structure or shape")
         abs_err = max(((a.float() - b.float()).abs().max().item() for a, b in zip(ref, out)), default=0.0)
         scale = max((a.float().abs().max().item() for a in ref), default=0.0)
         report.max_abs_error = abs_err

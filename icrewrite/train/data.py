@@ -247,7 +247,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 @contextlib.contextmanager
-def _seeded_rng(seed: int) -> Iterator[None]:
+def _seeded_sampling(seed: int) -> Iterator[None]:
     """Seed torch (CPU), ``random`` and ``numpy`` for a block, then restore their states."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -274,7 +274,7 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-        with _seeded_rng(sample_seed):
+        with _seeded_sampling(sample_seed):
             return self.dataset[index]
 
 

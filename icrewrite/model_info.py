@@ -1,0 +1,52 @@
+"""What icrewrite reads about a model from timm's metadata, one rule for each fact.
+
+timm models carry a ``pretrained_cfg`` (architecture, input size, classifier); other
+models fall back to their class name, no recorded input size, and no classifier.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+__all__ = ["architecture", "timm_architecture", "input_size", "classifier_names", "DEFAULT_INPUT_SIZE"]
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)  # timm's default, for models that record none
+
+
+def _cfg(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def timm_architecture(model: nn.Module) -> str | None:
+    """The timm architecture name (``pretrained_cfg["architecture"]``), None for other models."""
+    return _cfg(model).get("architecture") or None
+
+
+def architecture(model: nn.Module) -> str:
+    """The timm architecture name, else the class name: how messages and plans name a model."""
+    return timm_architecture(model) or type(model).__name__
+
+
+def input_size(model: nn.Module, given: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """``(C, H, W)``: ``given`` when given, else the model's ``pretrained_cfg["input_size"]``,
+    else None (the caller decides: a meta probe takes :data:`DEFAULT_INPUT_SIZE`, an export asks)."""
+    size = given if given is not None else _cfg(model).get("input_size")
+    return None if size is None else tuple(int(d) for d in size)
+
+
+def classifier_names(model: nn.Module) -> set[str]:
+    """Module names of the classifier, from ``pretrained_cfg["classifier"]`` and timm's ``get_classifier``."""
+    names: set[str] = set()
+    classifier = _cfg(model).get("classifier")
+    names.update([classifier] if isinstance(classifier, str) else list(classifier or ()))
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            head = get_classifier()
+        except Exception:  # some timm models raise when they have no head
+            head = None
+        names.update(n for n, m in model.named_modules() if head is not None and m is head)
+    return {n for n in names if n}
