@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
-from torch.overrides import TorchFunctionMode
 
 from .layers import IC, ICWeightLayer, feature_columns
 from .registry import WEIGHT_FUNCTIONS, is_batchnorm, is_weight_layer
-from .rewrite import TOLERANCE, clone_module, convert, output_tensors, plan, verify
+from .rewrite import TOLERANCE, LayerWatch, clone_module, convert, output_tensors, plan, verify
 
 
 @torch.no_grad()
@@ -126,31 +125,30 @@ class _ObservedSite:
         return found
 
 
-class _WeightOpRecorder(TorchFunctionMode):
+class _WeightOpRecorder(LayerWatch):
     """Match every conv/linear call to its weight layer and note whether it reads that site's IC output.
 
     A call belongs to the layer whose weight tensor it is given or, for layers that transform
     their weight before using it (timm's ``StdConv2d``, ``ScaledStdConv2d``), to the weight
-    layer whose ``forward`` is running (``running``, innermost last).
+    layer whose ``forward`` is running (innermost).
     """
 
-    def __init__(self, owners: dict[int, str], running: list[str], sites: dict[str, _ObservedSite]) -> None:
-        super().__init__()
-        self.owners, self.running, self.sites = owners, running, sites
+    def __init__(self, layers: dict[str, nn.Module], sites: dict[str, _ObservedSite]) -> None:
+        weights = {id(m.weight): name for name, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        super().__init__(layers, weights)
+        self.sites = sites
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in WEIGHT_FUNCTIONS and args:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            name = self.owners.get(id(weight)) or (self.running[-1] if self.running else None)
-            site = self.sites.get(name)
-            if site is not None:
-                site.weight_calls += 1
-                if site.misread is None and site.output is None:
-                    site.misread = "its input before its IC block ran"
-                elif site.misread is None and not _reads(args[0], site.output):
-                    site.misread = f"a {tuple(args[0].shape)} tensor that is not its IC block's output"
-        return func(*args, **kwargs)
+    def on_call(self, func: Callable, args: tuple, kwargs: dict[str, Any]) -> None:
+        if func not in WEIGHT_FUNCTIONS or not args:
+            return
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        site = self.sites.get(self.owner(weight) or (self.running[-1] if self.running else None))
+        if site is not None:
+            site.weight_calls += 1
+            if site.misread is None and site.output is None:
+                site.misread = "its input before its IC block ran"
+            elif site.misread is None and not _reads(args[0], site.output):
+                site.misread = f"a {tuple(args[0].shape)} tensor that is not its IC block's output"
 
 
 @contextlib.contextmanager
@@ -163,22 +161,11 @@ def _observed(model: nn.Module, sites: Iterable[str]) -> Iterator[dict[str, _Obs
     its weight (which would skip the hooks): what runs here is the IC module, then the layer.
     """
     layers = {name: m for name, m in model.named_modules() if is_weight_layer(m)}
-    owners = {id(m.weight): name for name, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     records = {name: _ObservedSite() for name in sites}
-    running: list[str] = []
-
-    def enter(name: str) -> Callable[..., None]:
-        return lambda module, args: running.append(name)
-
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        del running[-1]
-
-    handles = [h for name, m in layers.items()
-               for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
-    handles += [layers[name].ic.register_forward_hook(site.observe)
-                for name, site in records.items() if isinstance(layers.get(name), ICWeightLayer)]
+    handles = [layers[name].ic.register_forward_hook(site.observe)
+               for name, site in records.items() if isinstance(layers.get(name), ICWeightLayer)]
     try:
-        with _WeightOpRecorder(owners, running, records):
+        with _WeightOpRecorder(layers, records):
             yield records
     finally:
         for handle in handles:

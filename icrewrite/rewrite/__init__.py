@@ -14,7 +14,7 @@ from ._clone import clone_module
 from ._init_stats import activation_moments, calibrate, site_moments
 from ._layouts import LAYOUTS, ResidualUnit, residual_units
 from ._plan import INITS, Edit, Note, Options, Plan, plan
-from ._probe import probe_weight_use
+from ._probe import LayerWatch, probe_weight_use
 from ._reroute import Reroute, find_reroute, route
 from ._trace import Scope, trace_scopes
 from ._verify import TOLERANCE, Report, output_tensors, verify
@@ -23,5 +23,5 @@ __all__ = [
     "trace_scopes", "Scope", "analyse", "Analysis", "Layer", "NormBeforeAct", "Reroute", "find_reroute", "route",
     "LAYOUTS", "ResidualUnit", "residual_units", "plan", "Plan", "Edit", "Note", "Options", "INITS",
     "convert", "apply", "fold_bn_into", "options_of", "clone_module", "activation_moments", "site_moments",
-    "calibrate", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors",
+    "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors",
 ]

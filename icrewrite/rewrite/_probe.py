@@ -10,17 +10,20 @@ buffer, so it costs no memory or compute and leaves the model untouched.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from .. import model_info
 
-__all__ = ["Usage", "probe_weight_use"]
+__all__ = ["Usage", "LayerWatch", "probe_weight_use"]
+
 
 @dataclass
 class Usage:
@@ -30,21 +33,68 @@ class Usage:
     weight_used_outside: set[str] = field(default_factory=set)  # weight read by an op outside their forward
 
 
-class _WeightUseRecorder(TorchFunctionMode):
-    """Record torch ops that read a watched weight while its layer's forward is not running."""
+class LayerWatch(TorchFunctionMode):
+    """Within the block, which of ``layers`` (name -> module) have their ``forward`` running
+    (``running``, innermost last; ``called``: every one that ran), and each torch call that
+    reads one of ``weights`` (``id(tensor)`` -> layer name): :meth:`on_call` sees it.
 
-    def __init__(self, owners: dict[int, str], active: set[str], usage: Usage) -> None:
+    What the probe and the placement check (``icrewrite.testing``) both need: a weight op
+    belongs to the layer whose weight it is given, or to the layer whose forward is running.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], weights: Mapping[int, str]) -> None:
         super().__init__()
-        self.owners, self.active, self.usage = owners, active, usage
+        self.layers, self.weights = layers, weights
+        self.running: list[str] = []
+        self.called: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+
+    def owner(self, tensor: Any) -> str | None:
+        """The watched layer whose weight ``tensor`` is, or None."""
+        return self.weights.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+
+    def on_call(self, func: Callable, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Called before every torch function runs in the block."""
+
+    def __enter__(self) -> LayerWatch:
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._enter(n)))
+            self._handles.append(module.register_forward_hook(self._leave))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        super().__exit__(*exc)
+
+    def _enter(self, name: str) -> None:
+        self.running.append(name)
+        self.called.add(name)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.running.pop()  # a forward hook that returned a value would replace the output
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") != "__get__":  # reading .shape or .dtype is not a use
-            for leaf in tree_leaves((args, kwargs)):
-                name = self.owners.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-                if name is not None and name not in self.active:
-                    self.usage.weight_used_outside.add(name)
+        self.on_call(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+class _OutsideUse(LayerWatch):
+    """Records the layers whose weight a torch op reads while their own forward is not running."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], weights: Mapping[int, str]) -> None:
+        super().__init__(layers, weights)
+        self.outside: set[str] = set()
+
+    def on_call(self, func: Callable, args: tuple, kwargs: dict[str, Any]) -> None:
+        if getattr(func, "__name__", "") == "__get__":  # reading .shape or .dtype is not a use
+            return
+        for leaf in tree_leaves((args, kwargs)):
+            name = self.owner(leaf)
+            if name is not None and name not in self.running:
+                self.outside.add(name)
 
 
 def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[int, ...] | None = None
@@ -54,26 +104,18 @@ def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[
     Returns None when the model does not run on a meta input of ``input_size`` (default: the
     model's, see :func:`icrewrite.model_info.input_size`), e.g. because it reads tensor values.
     """
-    layers = set(layers)
+    modules = {name: model.get_submodule(name) for name in layers}
     stand_ins = {name: torch.empty_like(t, device="meta")
                  for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    owners = {id(stand_ins[f"{name}.weight"]): name for name in layers if f"{name}.weight" in stand_ins}
-    usage, active = Usage(), set()
-    handles = []
-    for name in layers:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: active.add(n) or usage.called.add(n)))
-        handles.append(module.register_forward_hook(lambda m, a, o, n=name: active.discard(n)))
+    weights = {id(stand_ins[f"{name}.weight"]): name for name in modules if f"{name}.weight" in stand_ins}
     x = torch.empty(2, *(model_info.input_size(model, input_size) or model_info.DEFAULT_INPUT_SIZE), device="meta")
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), _WeightUseRecorder(owners, active, usage):
+        with torch.no_grad(), _OutsideUse(modules, weights) as watch:
             torch.func.functional_call(model, stand_ins, (x,), strict=False)
     except Exception:  # data-dependent code cannot run on meta tensors: nothing learned
         return None
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return usage
+    return Usage(watch.called, watch.outside)
