@@ -31,12 +31,11 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
-from timm.data import resolve_model_data_config
 from timm.models import load_state_dict, parse_model_name, split_model_name_tag
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
-from . import __version__
+from . import __version__, model_info
 from .errors import CheckpointError
 from .files import atomic_path
 from .rewrite import Report, convert, options_of, output_tensors
@@ -135,16 +134,6 @@ def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     return dict(state_dict)
 
 
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifier = cfg.get("classifier") or ()
-    return tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
-
-
-def _architecture(model: nn.Module) -> str:
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-
-
 def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Load ``state_dict`` into ``model`` strictly, or explain in one line why it does not fit.
 
@@ -167,11 +156,11 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, 
     if mismatched:
         shapes = [f"{k}: file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}" for k in mismatched]
         problems.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
-    message = f"{source} does not fit {_architecture(model)}: " + "; ".join(problems)
+    message = f"{source} does not fit {model_info.architecture(model)}: " + "; ".join(problems)
     matching = len(expected) - len(missing) - len(mismatched)
     if matching < len(expected) / 2:
         message += f"; only {matching} of {len(expected)} tensors match: a checkpoint for another architecture?"
-    heads = _classifier_prefixes(model)
+    heads = tuple(f"{name}." for name in model_info.classifier_names(model))
     if heads and mismatched and not (missing or unexpected) and all(k.startswith(heads) for k in mismatched):
         classes = state_dict[mismatched[0]].shape[0]
         message += f"; only the classifier differs: the file has {classes} classes (--num-classes {classes})"
@@ -248,8 +237,8 @@ def _seeded_batch(shape: list[int], seed: int, device: torch.device) -> torch.Te
 
 
 def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
-    """A seeded standard-normal batch at the model's input size (from timm's data config)."""
-    input_size = list(resolve_model_data_config(model)["input_size"])
+    """A seeded standard-normal batch at the model's input size (:func:`icrewrite.model_info.input_size`)."""
+    input_size = list(model_info.input_size(model) or model_info.DEFAULT_INPUT_SIZE)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return _seeded_batch([batch_size, *input_size], seed, device)
 
@@ -276,7 +265,7 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
         try:
             save_config_for_hf(model, Path(folder) / CONFIG_NAME)
         except (ValueError, TypeError) as err:
-            raise CheckpointError(f"cannot save {_architecture(model)}: {err}") from err
+            raise CheckpointError(f"cannot save {model_info.architecture(model)}: {err}") from err
         return json.loads((Path(folder) / CONFIG_NAME).read_text())
 
 

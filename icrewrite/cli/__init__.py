@@ -10,6 +10,7 @@ The helpers below give every command the same model and conversion arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import pkgutil
 import sys
@@ -22,7 +23,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ICRewriteError
-from ..rewrite import LAYOUTS
+from ..rewrite import Options
 
 __all__ = [
     "main",
@@ -78,24 +79,26 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
 
 
 def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``icrewrite.convert`` (see ``conversion_options``)."""
+    """One option for each field of ``icrewrite.Options`` (see ``conversion_options``): ``--NAME``
+    for a value or a flag that is off by default, ``--no-NAME`` for one that is on, and a
+    repeatable ``--NAME`` for a tuple."""
     group = parser.add_argument_group("conversion")
-    group.add_argument("--p", type=float, default=0.05, help="dropout probability of each IC block (default 0.05)")
-    group.add_argument("--init", choices=("preserve", "fresh"), default="preserve",
-                       help="preserve: same function in eval mode (default); fresh: default BatchNorm statistics")
-    group.add_argument("--stem", action="store_true", help="also put IC blocks before layers that read the image")
-    group.add_argument("--no-head", dest="head", action="store_false", help="no IC block before the classifier")
-    group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                       help="leave layers matching this fnmatch pattern or module prefix alone (repeatable)")
-    group.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0],
-                       help="residual-unit ordering from the paper (default relu-ic-conv; the others move the "
-                            "unit's last ReLU before the add and need --init fresh)")
+    for option in dataclasses.fields(Options):
+        flag, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
+        if isinstance(option.default, bool) and option.default:
+            group.add_argument(f"--no-{option.name}", dest=option.name, action="store_false", help=f"do not {help}")
+        elif isinstance(option.default, bool):
+            group.add_argument(flag, action="store_true", help=help)
+        elif isinstance(option.default, tuple):
+            group.add_argument(flag, action="append", default=[], metavar="PATTERN", help=f"{help} (repeatable)")
+        else:
+            group.add_argument(flag, type=type(option.default), default=option.default,
+                               choices=option.metadata["choices"], help=f"{help} (default {option.default})")
 
 
 def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``icrewrite.plan``/``icrewrite.convert`` from the parsed options."""
-    return {"p": args.p, "init": args.init, "stem": args.stem, "head": args.head, "exclude": tuple(args.exclude),
-            "layout": args.layout}
+    return {option.name: getattr(args, option.name) for option in dataclasses.fields(Options)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import model_info
 from ..errors import ConversionError
 from ..layers import ICWeightLayer, check_probability
 from ._analyse import Analysis, Layer, NormBeforeAct, analyse
@@ -28,16 +29,25 @@ __all__ = ["Options", "Edit", "Note", "Plan", "plan"]
 INITS = ("preserve", "fresh")
 
 
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field of :class:`Options`; its help and choices are what the command line shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class Options:
-    """Conversion options; ``to_dict()`` is what a converted model records."""
+    """Conversion options, the one definition that ``convert``, ``plan`` and the command line
+    (``icrewrite.cli.add_conversion_arguments``) derive from; ``to_dict()`` is what a converted
+    model records."""
 
-    p: float = 0.05
-    init: str = "preserve"
-    stem: bool = False
-    head: bool = True
-    exclude: tuple[str, ...] = ()
-    layout: str = "relu-ic-conv"
+    p: float = _option(0.05, "dropout probability of each IC block")
+    init: str = _option("preserve", "preserve: the same function in eval mode, IC statistics from the removed "
+                                    "BatchNorms or calibration data; fresh: default BatchNorm statistics", INITS)
+    stem: bool = _option(False, "also put IC blocks before layers that read the image")
+    head: bool = _option(True, "put an IC block before the classifier")
+    exclude: tuple[str, ...] = _option((), "leave layers matching these fnmatch patterns or module prefixes alone")
+    layout: str = _option(LAYOUTS[0], "residual-unit ordering from the paper (the others move the unit's last ReLU "
+                                      "before the add and need init fresh)", LAYOUTS)
 
     def __post_init__(self) -> None:
         check_probability(self.p)
@@ -142,22 +152,6 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _classifier_names(model: nn.Module) -> set[str]:
-    """Module names of the classifier, from timm's ``pretrained_cfg`` and ``get_classifier``."""
-    names: set[str] = set()
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    classifier = cfg.get("classifier") if isinstance(cfg, dict) else None
-    names.update([classifier] if isinstance(classifier, str) else list(classifier or ()))
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            head = get_classifier()
-        except Exception:  # some timm models raise when they have no head
-            head = None
-        names.update(n for n, m in model.named_modules() if head is not None and m is head)
-    return {n for n in names if n}
-
-
 def _within(name: str, roots: set[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
@@ -208,7 +202,7 @@ def plan(model: nn.Module, **options: Any) -> Plan:
     """
     opts = options.pop("_options", None) or Options(**options)
     result = Plan(
-        model=(getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__,
+        model=model_info.architecture(model),
         options=opts,
         params_before=sum(p.numel() for p in model.parameters()),
     )
@@ -218,7 +212,7 @@ def plan(model: nn.Module, **options: Any) -> Plan:
         result.notes.append(Note("<model>", f"already converted by icrewrite with {recorded}; nothing to do"))
         return result
     result.analysis = analysis = analyse(model)
-    heads = _classifier_names(model)
+    heads = model_info.classifier_names(model)
     for norm in analysis.norms:
         if norm.foldable:
             producer = model.get_submodule(norm.producer)
