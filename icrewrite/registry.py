@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConversionError
-from .layers import ICWeightLayer, ic_base
+from .layers import IC_BASES, ICWeightLayer, ic_base
 
 __all__ = [
     "WEIGHT_FUNCTIONS",
@@ -111,6 +111,7 @@ def register_weight_layer(cls: ModuleClass, *, features: Features | None = None,
     """
     _check_class(cls, "weight_layer")
     _WEIGHT_LAYERS[cls] = WeightLayer(cls, features or _input_features, foldable, reason)
+    IC_BASES.add(cls)
     return cls
 
 

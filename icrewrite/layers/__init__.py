@@ -11,7 +11,7 @@ from .attention import RoutedMultiheadAttention, RoutedShiftedWindowAttention, R
 from .border import BorderCorrectedConv1d, BorderCorrectedConv2d, BorderCorrectedConv3d
 from .ic import _new_ic_layer  # noqa: F401  (named by pickles of 0.1.0: icrewrite.layers._new_ic_layer)
 from .ic import (IC, ICBatchNorm, ICWeightLayer, attach_ic, bn_affine, check_probability,
-                 feature_columns, ic_base, ic_class, swap_class)
+                 IC_BASES, feature_columns, ic_base, ic_class, swap_class)
 
 __all__ = [
     "IC", "ICBatchNorm", "ICWeightLayer", "ic_class", "ic_base", "attach_ic", "bn_affine", "swap_class",
@@ -26,13 +26,11 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def __getattr__(name: str) -> type:
-    """``icrewrite.layers.ICConv2d`` and friends: the ``IC<Base>`` class of the registered
-    weight-layer class named ``<Base>``. Of several classes of that name the base one wins
-    (``nn.Conv2d`` over its quantisation-aware subclass)."""
+    """``icrewrite.layers.ICConv2d`` and friends: the ``IC<Base>`` class of the weight-layer class
+    named ``<Base>`` (a registered class or a subclass of one, see ``IC_BASES``). Of several
+    classes of that name the base one wins (``nn.Conv2d`` over its quantisation-aware subclass)."""
     if name.startswith("IC"):
-        from ..registry import weight_layer_classes  # the registry sits above the layers it names
-
-        named = {cls for root in weight_layer_classes() for cls in _subclasses(root)
+        named = {cls for root in IC_BASES for cls in _subclasses(root)
                  if cls.__name__ == name[2:] and not issubclass(cls, ICWeightLayer)}
         bases = {cls for cls in named if not any(cls is not other and issubclass(cls, other) for other in named)}
         if len(bases) == 1:

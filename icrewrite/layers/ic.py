@@ -29,6 +29,7 @@ __all__ = [
     "ic_base",
     "bn_affine",
     "swap_class",
+    "IC_BASES",
     "feature_columns",
     "check_probability",
 ]
@@ -90,7 +91,7 @@ class IC(nn.Module):
     ) -> None:
         super().__init__()
         if feature_dim not in (1, -1):
-            raise ValueError(f"feature_dim must be 1 (convolution input) or -1 (Linear input), got {feature_dim}")
+            raise ConversionError(f"feature_dim must be 1 (convolution input) or -1 (Linear input), got {feature_dim}")
         check_probability(p)
         self.feature_dim = feature_dim
         self.norm = ICBatchNorm(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
@@ -176,6 +177,11 @@ class ICWeightLayer(nn.Module):
 def ic_base(cls: type[nn.Module]) -> type[nn.Module]:
     """The original weight-layer class behind an ``IC<Base>`` class."""
     return next(b for b in cls.__mro__[1:] if b is not ICWeightLayer and not issubclass(b, ICWeightLayer))
+
+
+# Classes whose subclasses can be the base of an IC layer: the registered weight-layer classes
+# (``icrewrite.registry`` adds each one), so that ``icrewrite.layers.IC<Base>`` resolves by name.
+IC_BASES: set[type[nn.Module]] = set()
 
 
 @functools.cache
