@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         check, kwargs = meta_check, {}
     start = time.perf_counter()
+    failed = 0
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a") as out, tqdm(total=len(todo), desc=f"{mode} sweep", unit="model") as bar:
         for record in run_isolated(check, todo, workers=args.workers, timeout=args.timeout, **kwargs):
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write(json.dumps(record) + "\n")
             out.flush()
             done[mode, record["source"], record["name"]] = record
+            failed += record["status"] not in (*_PASSED[mode], "skipped")
             bar.set_postfix_str(f"{record['name']}: {record['status']}", refresh=False)
             bar.update()
     wall = time.perf_counter() - start
@@ -499,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"({multiprocessing.cpu_count()} CPUs, shared with other work); results file `{args.results}`."
                 if todo else f"Report written from the results in `{args.results}`.")
         write_report(done.values(), args.report, run_info=info)
-    return 0
+    if failed:
+        print(f"{mode}: {failed} of {len(todo)} models did not pass", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
