@@ -1,6 +1,7 @@
-"""Small hand-built networks, one per pattern the conversion must handle."""
+"""Small hand-built networks, one per pattern the conversion must handle, and timm models as the tests make them."""
 from __future__ import annotations
 
+import timm
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
@@ -118,3 +119,10 @@ PATTERNS = {
     "tokens": Tokens,
     "fused_norm_act": FusedNormAct,
 }
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    """A randomly initialised timm model; ViTs at 32x32 so the tests' small inputs fit."""
+    if name.startswith("vit"):
+        kwargs.setdefault("img_size", 32)
+    return timm.create_model(name, pretrained=False, **kwargs)

@@ -82,6 +82,8 @@ def _fold_blocker(norm: nn.Module, producer: fx.Node, scope: Scope, modules: dic
     name = scope.qualname(producer.target)
     if not is_foldable_into(layer):
         return f"{name} ({type(layer).__name__}) cannot absorb a BatchNorm exactly"
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups > 1:
+        return f"{name} is a grouped transposed convolution, whose weight layout the fold does not handle"
     if len(producer.users) != 1:
         return f"the output of {name} has other consumers"
     if calls[producer.target] != 1 or calls[norm_target] != 1:

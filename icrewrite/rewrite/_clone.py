@@ -32,6 +32,8 @@ def clone_module(root: nn.Module) -> nn.Module:
     def tensor(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
             return None
+        if type(t) not in (torch.Tensor, nn.Parameter):  # a subclass (lazy, quantised): its own copy semantics
+            return copy.deepcopy(t, memo)
         if id(t) not in memo:
             data = t.detach().clone()
             memo[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data

@@ -1,13 +1,13 @@
 """Trace a model into ``torch.fx`` graphs, one per *scope*, for analysis only.
 
 The root module is traced with timm's leaf modules and autowrapped functions; weight
-layers, norms, activations and IC blocks are leaves too, so each appears as one
-``call_module`` node. When tracing fails inside a submodule (data-dependent control
-flow, say), that submodule becomes a leaf and the trace is retried. Every leaf that holds
-weight layers of its own is then traced as a scope of its own, recursively; a scope
-that cannot be traced at all is recorded with its error and its children are tried one
-by one (containers such as ``nn.ModuleList`` have no ``forward`` and are only looked
-into). Nothing here changes the model.
+layers, norms, activations, pass-through layers and IC blocks are leaves too, so each
+appears as one ``call_module`` node, in train mode as in eval mode. When tracing fails
+inside a submodule (data-dependent control flow, say), that submodule becomes a leaf and
+the trace is retried. Every leaf that holds weight layers of its own is then traced as a
+scope of its own, recursively; a scope that cannot be traced at all is recorded with its
+error and its children are tried one by one (containers such as ``nn.ModuleList`` have no
+``forward`` and are only looked into). Nothing here changes the model.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 from ..compat import get_notrace_functions, is_notrace_module
 
 from ..layers import IC, ICWeightLayer
-from ..registry import is_activation_module, is_batchnorm, is_weight_layer
+from ..registry import is_activation_module, is_batchnorm, is_passthrough_module, is_weight_layer
 
 __all__ = ["Scope", "trace_scopes"]
 
@@ -59,6 +59,8 @@ class ICTracer(fx.Tracer):
         if module_qualified_name in self.extra_leaves:
             return True
         if isinstance(m, (IC, ICWeightLayer)) or is_weight_layer(m) or is_batchnorm(m) or is_activation_module(m):
+            return True
+        if is_passthrough_module(m):  # one node in train mode too (timm's DropPath traces to random ops there)
             return True
         if is_notrace_module(type(m)):
             return True

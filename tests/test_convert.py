@@ -1,92 +1,27 @@
-"""The core contract: plan, convert and verify on hand-built patterns, generated nets and timm models."""
+"""Plan and convert (icrewrite.rewrite._plan, _apply) on hand-built patterns, generated nets and timm models:
+the edits, the options, converting by a given plan, idempotence, calibration and fresh init, pickling, and the
+convert-speed benchmark."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import icrewrite
-from icrewrite.rewrite import activation_moments, site_moments
 from icrewrite.layers import IC, ICWeightLayer, attach_ic
 from icrewrite.testing import check_conversion, randomize_norms
 
 from generated import networks
-from nets import PATTERNS
+from nets import PATTERNS, timm_model
 
 TIMM_MODELS = ["resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_small_100", "densenet121", "regnetx_002",
                "convnext_atto", "vit_tiny_patch16_224"]
-
-
-def timm_model(name: str, **kwargs) -> nn.Module:
-    if name.startswith("vit"):
-        kwargs.setdefault("img_size", 32)
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-# --- the IC block -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape,feature_dim", [((6, 5, 4, 4), 1), ((6, 5, 7), 1), ((6, 5, 4, 4, 3), 1),
-                                               ((6, 7, 5), -1), ((6, 5), -1)])
-def test_ic_normalises_the_feature_dim(shape, feature_dim):
-    ic = IC(5, p=0.0, feature_dim=feature_dim).train()
-    x = torch.randn(shape) * 3 + 2
-    y = ic(x)
-    flat = (y.transpose(1, -1) if feature_dim == 1 else y).reshape(-1, 5)
-    torch.testing.assert_close(flat.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flat.var(0, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
-
-
-def test_ic_eval_is_its_affine_map_and_set_identity_is_identity():
-    ic = IC(5, p=0.3, feature_dim=-1)
-    randomize_norms(ic, seed=3)
-    ic.eval()
-    x = torch.randn(4, 3, 5)
-    scale, shift = ic.affine()
-    torch.testing.assert_close(ic(x), x * scale + shift)
-    ic.set_identity(torch.rand(5), torch.rand(5) + 0.5)
-    torch.testing.assert_close(ic(x), x)
-
-
-def test_ic_dropout_zeroes_a_fraction_p_in_training():
-    ic = IC(64, p=0.5).train()
-    y = ic(torch.randn(32, 64, 8, 8))
-    assert 0.45 < (y == 0).float().mean().item() < 0.55
-
-
-@pytest.mark.parametrize("p", [-0.1, 1.0])
-def test_ic_rejects_invalid_p(p):
-    with pytest.raises(icrewrite.ConversionError, match="p must be in"):  # the one check Options uses too
-        IC(4, p=p)
-
-
-def test_data_free_moments_match_monte_carlo():
-    mean, std = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([1.0, 0.5, 2.0])
-    z = torch.randn(400_000, 3) * std + mean
-    for act in (nn.ReLU(), nn.SiLU(), nn.GELU()):
-        m, v = activation_moments(act, mean, std)
-        torch.testing.assert_close(m, act(z).mean(0), atol=0.01, rtol=0.02)
-        torch.testing.assert_close(v, act(z).var(0), atol=0.01, rtol=0.03)
-
-
-def test_site_moments_group_only_identical_activations():
-    """One quadrature per distinct activation gives each site what its own call gives."""
-    gen = torch.Generator().manual_seed(0)
-    sites = {f"s{i}": (act, torch.randn(4 + i, generator=gen), torch.rand(4 + i, generator=gen) + 0.5)
-             for i, act in enumerate([nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(0.1), nn.LeakyReLU(0.3),
-                                      nn.PReLU(8), nn.SiLU()])}
-    moments = site_moments(sites)
-    assert moments.keys() == sites.keys()
-    for name, (act, mean, std) in sites.items():
-        expected = activation_moments(act, mean, std)
-        torch.testing.assert_close(moments[name], expected, rtol=1e-6, atol=1e-7)
 
 
 # --- hand-built patterns ------------------------------------------------------------------------
@@ -246,6 +181,8 @@ def test_invalid_options_are_clear_errors(options, match):
         icrewrite.convert(PATTERNS["chain"](), **options)
 
 
+# --- statistics of the new IC blocks -------------------------------------------------------------
+
 def test_calibration_sets_ic_statistics_to_the_measured_input_statistics():
     model = randomize_norms(PATTERNS["chain"]()).eval()
     batches = [torch.randn(16, 3, 16, 16) for _ in range(3)]
@@ -269,7 +206,7 @@ def test_fresh_init_uses_standard_batchnorm_initialisation():
     assert torch.equal(norm.weight, torch.ones(16)) and torch.equal(norm.running_var, torch.ones(16))
 
 
-# --- serialisation and reporting -----------------------------------------------------------------
+# --- serialisation -------------------------------------------------------------------------------
 
 def test_converted_model_pickles_into_a_fresh_process(tmp_path):
     model = randomize_norms(PATTERNS["residual"]()).eval()
@@ -282,25 +219,6 @@ def test_converted_model_pickles_into_a_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", code % (tmp_path / "m.pt")], check=True, env=env)
     clone = copy.deepcopy(converted)
     assert type(clone.conv1) is type(converted.conv1) and clone.conv1.ic is not converted.conv1.ic
-
-
-def test_plan_is_printable_and_json_serialisable():
-    plan = icrewrite.plan(timm_model("resnet18"))
-    text = str(plan)
-    assert "insert-ic" in text and "layer1.0.conv2" in text and "stem: reads the model input" in text
-    data = json.loads(json.dumps(plan.to_dict()))
-    assert data["param_delta"] == plan.param_delta == sum(e["param_delta"] for e in data["edits"])
-
-
-def test_verify_reports_exact_parity_and_a_changed_function():
-    model = randomize_norms(timm_model("resnet18")).eval()
-    converted = icrewrite.convert(model)
-    report = icrewrite.verify(model, converted, torch.randn(2, 3, 32, 32))
-    assert report.params_after - report.params_before == icrewrite.plan(model).param_delta
-    assert report.ok and "function preserved" in str(report)
-    with torch.no_grad():
-        converted.fc.weight.mul_(1.1)
-    assert not icrewrite.verify(model, converted, torch.randn(2, 3, 32, 32)).ok
 
 
 def test_convert_speed_benchmark_runs_in_its_quick_configuration():
