@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icrewrite.rewrite import example_input_size, probe_weight_use
+from icrewrite import model_info
+from icrewrite.rewrite import probe_weight_use
 
 
 class Head(nn.Module):
@@ -74,9 +75,11 @@ def test_the_input_size_is_the_models_own_by_default():
     model = nn.Sequential(nn.Conv2d(3, 8, 3))
     shapes = []
     model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
-    assert example_input_size(model) == (3, 224, 224)
+    assert model_info.input_size(model) is None
+    assert probe_weight_use(model, ["0"]).called == {"0"} and shapes == [(2, *model_info.DEFAULT_INPUT_SIZE)]
+    shapes.clear()
     model.pretrained_cfg = {"input_size": (3, 32, 48)}
-    assert example_input_size(model) == (3, 32, 48)
+    assert model_info.input_size(model) == (3, 32, 48)
     assert probe_weight_use(model, ["0"]).called == {"0"}
     assert shapes == [(2, 3, 32, 48)]
     assert len(model._forward_pre_hooks) == 1  # the model's own hook stays, the probe's are gone
