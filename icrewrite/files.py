@@ -10,6 +10,12 @@ from pathlib import Path
 from .errors import ICRewriteError
 
 
+def refuse_existing(path: str | os.PathLike) -> None:
+    """Raise ``ICRewriteError`` when ``path`` exists: outputs are only replaced with ``--force``."""
+    if Path(path).exists():
+        raise ICRewriteError(f"{path} exists; pass --force (force=True) to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds.
@@ -18,8 +24,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     With ``force=False`` an existing ``path`` is an error instead of being replaced.
     """
     path = Path(path)
-    if not force and path.exists():
-        raise ICRewriteError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if not force:
+        refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ICRewriteError
-from ..rewrite import LAYOUTS
+from ..rewrite import LAYOUTS, Options
 
 __all__ = [
     "main",
@@ -32,6 +32,7 @@ __all__ = [
     "model_from_args",
     "add_conversion_arguments",
     "conversion_options",
+    "given_conversion_flags",
     "progress",
 ]
 
@@ -96,6 +97,17 @@ def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``icrewrite.plan``/``icrewrite.convert`` from the parsed options."""
     return {"p": args.p, "init": args.init, "stem": args.stem, "head": args.head, "exclude": tuple(args.exclude),
             "layout": args.layout}
+
+
+_FLAGS = {"p": "--p", "init": "--init", "stem": "--stem", "head": "--no-head", "exclude": "--exclude",
+          "layout": "--layout"}  # conversion option -> the flag that sets it
+
+
+def given_conversion_flags(args: argparse.Namespace) -> list[str]:
+    """The conversion flags whose values differ from the defaults (what the user asked to change)."""
+    defaults = Options().to_dict()
+    given = {**conversion_options(args), "exclude": list(args.exclude)}
+    return [_FLAGS[name] for name, value in given.items() if value != defaults[name]]
 
 
 def build_parser() -> argparse.ArgumentParser:
