@@ -9,8 +9,10 @@ tensors is refused before any of its code runs, unless the caller opts into
 
 ``save`` writes ``.safetensors`` whose metadata holds timm's ``config.json`` (architecture,
 ``model_args``, ``pretrained_cfg``) plus an ``icrewrite`` section (version, conversion
-options, parity summary, and a probe: the model's output on a seeded input), so ``load``
-rebuilds the converted model from the file alone. A folder gets the Hugging Face/timm
+options, the plan the model was converted by, parity summary, and a probe: the model's
+output on a seeded input), so ``load`` rebuilds the converted model from the file alone, by
+replaying that plan on the architecture (files written before plans were recorded hold only
+the options, and are converted with them again). A folder gets the Hugging Face/timm
 layout, ``config.json`` + ``model.safetensors``; ``timm.create_model("local-dir:FOLDER")``
 reads that config and builds the unconverted architecture.
 """
@@ -36,9 +38,9 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import __version__, model_info
-from .errors import CheckpointError
+from .errors import CheckpointError, ConversionError
 from .files import atomic_path
-from .rewrite import Report, convert, options_of, output_tensors
+from .rewrite import Plan, Report, convert, options_of, output_tensors, replay
 
 __all__ = [
     "read_state_dict",
@@ -275,6 +277,7 @@ def _config(model: nn.Module, parity: Report | None) -> dict[str, Any]:
     config["icrewrite"] = {
         "version": __version__,
         "options": options_of(model),
+        "plan": getattr(model, "icrewrite_plan", None),
         "parity": None if parity is None else parity.to_dict(),
         "probe": {"input_size": list(x.shape[1:]), "seed": 0, "values": _probe(model, x)},
     }
@@ -346,16 +349,32 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def _recorded_plan(path: Path, section: dict[str, Any]) -> Plan | None:
+    """The plan a checkpoint records, or None when it has none (written before plans were
+    recorded, or of a model that was not converted)."""
+    recorded = section.get("plan")
+    if recorded is None:
+        return None
+    try:
+        return Plan.from_dict(recorded)
+    except ConversionError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model ``save`` wrote, in eval mode: the timm architecture from the recorded
-    arguments, converted with the recorded options, then the weights loaded strictly."""
+    arguments, converted by replaying the recorded plan (no tracing or analysis; a file without
+    a plan is converted with its recorded options), then the weights loaded strictly."""
     path = Path(path)
     config = read_config(path)
     model = create_timm_model(config["architecture"], pretrained=False,
                               pretrained_cfg_overlay=config.get("pretrained_cfg"), **config.get("model_args", {}))
-    options = config["icrewrite"]["options"]
-    if options is not None:
-        model = convert(model, inplace=True, **options)
+    section = config["icrewrite"]
+    recorded = _recorded_plan(path, section)
+    if recorded is not None:
+        model = replay(model, recorded, inplace=True)
+    elif section["options"] is not None:
+        model = convert(model, inplace=True, **section["options"])
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     fit_state_dict(model, read_state_dict(weights), source=str(weights))
     return model.eval()

@@ -142,7 +142,9 @@ def register_reroute(cls: ModuleClass, find: RerouteFinder, *, reason: str = "")
 
     ``find(module, calls)`` gets the module and its ``call_module`` nodes in the traces and
     returns a ``Reroute`` (the child layers it makes module calls, and the class it turns
-    the module into, which must compute the same function) or None.
+    the module into, which must compute the same function) or None. That class must subclass
+    the module's class and be defined at the top level of a module: a plan records it by its
+    import path, ``"module:qualname"``.
     """
     _check_class(cls, "reroute")
     _REROUTES[cls] = (find, reason)

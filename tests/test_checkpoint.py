@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,13 @@ import torch
 from timm.models._hub import save_config_for_hf
 
 import icrewrite
-from icrewrite import CheckpointError
+from icrewrite import CheckpointError, Plan
 from icrewrite.checkpoint import (check, create_timm_model, example_input, fit_state_dict, load_model, read_config,
                                   read_state_dict, save)
 from icrewrite.testing import randomize_norms
 
 from pickles import Marker, Metadata
-from icrewrite.rewrite import TOLERANCE
+from icrewrite.rewrite import TOLERANCE, plan_of
 
 ARCH = "test_resnet"  # timm's own tiny ResNet (0.4M parameters)
 SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": (3, 64, 64)}}  # 64x64 probes: fast
@@ -225,6 +226,51 @@ def test_save_load_round_trip_preserves_function(tmp_path, model, converted, nam
     assert section["version"] == icrewrite.__version__ and section["probe"]["input_size"] == [3, 64, 64]
     assert section["parity"]["max_rel_error"] == report.max_rel_error
     assert check(path)[1] <= TOLERANCE
+
+
+def _rewrite_config(path: Path, change) -> None:
+    """Change the icrewrite config a ``.safetensors`` checkpoint holds, as another writer would have."""
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["icrewrite_config"])
+    change(config["icrewrite"])
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path,
+                                metadata={**metadata, "icrewrite_config": json.dumps(config)})
+
+
+@pytest.mark.parametrize("name", ["ic.safetensors", "ic_folder"])
+def test_checkpoint_records_its_plan_and_load_replays_it(tmp_path, model, converted, name, monkeypatch):
+    path = save(converted, tmp_path / name)
+    recorded = read_config(path)["icrewrite"]["plan"]
+    assert recorded == converted.icrewrite_plan and Plan.from_dict(recorded) == icrewrite.plan(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load analysed the model instead of replaying its plan")
+
+    monkeypatch.setattr(sys.modules["icrewrite.rewrite._plan"], "analyse", refuse)
+    monkeypatch.setattr(sys.modules["icrewrite.rewrite._apply"], "make_plan", refuse)
+    rebuilt = icrewrite.load(path)
+    assert_same_tensors(rebuilt.state_dict(), converted.state_dict())
+    assert plan_of(rebuilt) == Plan.from_dict(recorded) and rebuilt.icrewrite_options == converted.icrewrite_options
+    assert check(path)[1] <= TOLERANCE  # what `icrewrite verify` runs; finetune and export load the same way
+    resaved = save(rebuilt, tmp_path / f"again-{name}")
+    assert read_config(resaved)["icrewrite"]["plan"] == recorded
+
+
+def test_checkpoint_without_a_plan_is_converted_by_its_options(tmp_path, converted):
+    """As icrewrite wrote them before plans were recorded (tests/data holds such files too)."""
+    path = save(converted, tmp_path / "ic.safetensors")
+    _rewrite_config(path, lambda section: section.pop("plan"))
+    rebuilt = icrewrite.load(path)
+    assert_same_tensors(rebuilt.state_dict(), converted.state_dict())
+    assert plan_of(rebuilt) == plan_of(converted)  # planned again with the options: the same plan
+
+
+def test_a_malformed_plan_in_a_checkpoint_is_refused_naming_the_file(tmp_path, converted):
+    path = save(converted, tmp_path / "ic.safetensors")
+    _rewrite_config(path, lambda section: section["plan"].update(schema=99))
+    with pytest.raises(CheckpointError, match="ic.safetensors: plan schema version 99 is not supported"):
+        icrewrite.load(path)
 
 
 def test_folder_layout_is_readable_by_timm(tmp_path, converted):

@@ -149,6 +149,53 @@ def test_plan_prints_the_table_and_json(capsys):
     assert code == 0 and text.strip() == json.dumps(expected.to_dict(), indent=2)
 
 
+def test_plan_written_as_json_then_converted_by(tmp_path, original, capsys):
+    weights = write_weights(tmp_path, "w.safetensors", original)
+    plan_file, out = tmp_path / "plans" / "resnet.json", tmp_path / "ic.safetensors"
+    code, stdout, stderr = run_main(capsys, "plan", *MODEL_ARGS, "--exclude", "layer1.*", "--json", plan_file)
+    expected = icrewrite.plan(original, exclude=("layer1.*",))
+    assert code == 0, stderr
+    assert stdout == f"{expected}\nwrote {plan_file}\n"
+    assert icrewrite.Plan.from_dict(json.loads(plan_file.read_text())) == expected
+    before = digest(plan_file)
+    code, _, stderr = run_main(capsys, "plan", *MODEL_ARGS, "--json", plan_file)
+    assert code == 2 and error_lines(stderr) == [f"error: output exists: {plan_file}; pass --force (force=True) to "
+                                                 "overwrite it"]
+    assert digest(plan_file) == before and not list(plan_file.parent.glob(".*.tmp"))
+
+    code, stdout, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--checkpoint", weights, "--plan", plan_file,
+                                    "-o", out, "--verify")
+    assert code == 0, stderr
+    assert "function preserved" in stdout and f"by the plan in {plan_file}" in stderr
+    assert_same_function(out, original)
+    assert icrewrite.rewrite.plan_of(icrewrite.load(out)) == expected
+    code, _, _ = run_main(capsys, "plan", *MODEL_ARGS, "--json", plan_file, "--force")  # default options now
+    assert code == 0 and icrewrite.Plan.from_dict(json.loads(plan_file.read_text())) == icrewrite.plan(original)
+
+
+def test_convert_by_a_plan_refuses_options_and_bad_files(tmp_path, original, capsys):
+    plan_file, out = tmp_path / "plan.json", tmp_path / "ic.safetensors"
+    plan_file.write_text(json.dumps(icrewrite.plan(original).to_dict()))
+    code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", plan_file, "--p", "0.1", "--no-head",
+                               "-o", out)
+    assert code == 2 and error_lines(stderr) == [
+        "error: --plan converts with the plan's own options; --p, --no-head cannot be given with it (make the plan "
+        "with them: `icrewrite plan MODEL ... --json PATH`)"]
+    code, _, stderr = run_main(capsys, "convert", "test_efficientnet", "--plan", plan_file, "-o", out)
+    assert code == 2 and "the plan was made for test_resnet" in error_lines(stderr)[0]
+    plan_file.write_text("{not json")
+    code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", plan_file, "-o", out)
+    assert code == 2 and error_lines(stderr)[0].startswith(f"error: {plan_file}: not a JSON plan")
+    plan_file.write_text(json.dumps({"schema": 7}))
+    code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", plan_file, "-o", out)
+    assert code == 2 and error_lines(stderr) == [f"error: {plan_file}: plan schema version 7 is not supported: this "
+                                                 "icrewrite reads version 1"]
+    code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", tmp_path / "none.json", "-o", out)
+    assert code == 2 and error_lines(stderr) == [f"error: {tmp_path / 'none.json'}: cannot read the plan (No such "
+                                                 "file or directory)"]
+    assert not out.exists()
+
+
 def test_calibrate_on_digits(tmp_path, original, capsys):
     weights = write_weights(tmp_path, "w.safetensors", original)
     out = tmp_path / "ic.safetensors"

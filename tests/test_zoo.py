@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
+from icrewrite import convert, plan
+from icrewrite.rewrite import Options, make_plan
 from icrewrite.testing import check_conversion
 from zoo import (Entry, _input_sizes, build_on_meta, interleave_families, main, meta_check, read_results,
                            real_check, run_isolated, small_inputs, write_report)
@@ -44,6 +46,23 @@ def test_special_family_plans_and_converts_on_meta(name):
 def test_stems_found_through_weight_free_input_ops():
     assert meta_check(timm_entry("crossvit_tiny_240"))["stem"] == 2  # resized input, one stem per branch
     assert meta_check(timm_entry("gemma4_vit_167m_enc"))["stem"] == 1  # untraceable root, patchified input
+
+
+def test_meta_check_converts_by_the_plan_read_back_from_json(monkeypatch):
+    """The plan goes through JSON, and convert gets the plan read back, not the one planned."""
+    given = []
+    monkeypatch.setattr(zoo, "convert", lambda model, plan: given.append(plan) or convert(model, plan=plan))
+    monkeypatch.setattr(zoo, "make_plan", lambda *args: given.append(planned := make_plan(*args)) or planned)
+    record = meta_check(timm_entry("eva02_tiny_patch14_224"))  # a reroute, folds none, meta
+    planned, replayed = given
+    assert record["status"] == "ok" and replayed == planned and replayed is not planned
+    assert replayed.count("route-through-module") == 12
+
+
+def test_a_plan_that_changes_through_json_is_an_error(monkeypatch):
+    monkeypatch.setattr(zoo.Plan, "from_dict", classmethod(lambda cls, data: cls("other", Options(), 0)))
+    with pytest.raises(ValueError, match="plan read back from JSON differs"):
+        zoo.through_json(plan(timm.create_model("test_resnet")))
 
 
 class FunctionalHead(nn.Module):

@@ -4,8 +4,9 @@
     python tools/zoo.py --real --max-params 30e6 --img-size 32 --filter 'resnet*'
 
 The default (meta) mode builds each model on the ``meta`` device, so no weights are
-allocated, runs ``plan`` and ``convert`` and checks that every non-stem weight layer of
-the converted model carries an IC block. ``--real`` runs :func:`icrewrite.testing.check_conversion`
+allocated, runs ``plan``, carries the plan through JSON (``to_dict`` -> ``json`` ->
+``from_dict``), converts by the plan read back and checks that every non-stem weight layer
+of the converted model carries an IC block. ``--real`` runs :func:`icrewrite.testing.check_conversion`
 (eval equivalence with randomised norms, every IC site's weight applied to Dropout(BatchNorm(.))
 of its input, backward) on every model within the parameter budget, at the smallest input it runs at.
 
@@ -39,13 +40,14 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
-from icrewrite import convert, plan
+from icrewrite import convert
 from icrewrite.files import atomic_path
 from icrewrite.layers import ICWeightLayer
 from icrewrite.registry import is_weight_layer
+from icrewrite.rewrite import Options, Plan, analyse, make_plan
 from icrewrite.testing import check_conversion
 
-__all__ = ["Entry", "timm_entries", "torchvision_entries", "meta_check", "real_check", "run_isolated",
+__all__ = ["Entry", "timm_entries", "torchvision_entries", "through_json", "meta_check", "real_check", "run_isolated",
            "read_results", "write_report", "main"]
 
 Record = dict[str, Any]
@@ -108,15 +110,25 @@ def _where(exc: BaseException) -> str:
 
 # --- the checks, run in worker processes -------------------------------------------------------
 
+def through_json(the_plan: Plan) -> Plan:
+    """``the_plan`` written as JSON and read back, which must give the same plan."""
+    replayed = Plan.from_dict(json.loads(json.dumps(the_plan.to_dict())))
+    if replayed != the_plan:
+        raise ValueError("the plan read back from JSON differs from the plan written")
+    return replayed
+
+
 def meta_check(entry: Entry) -> Record:
-    """Plan and convert ``entry`` built on ``meta``; every non-stem weight layer must get an IC.
+    """Plan ``entry`` built on ``meta``, carry the plan through JSON and convert by the plan
+    read back; every non-stem weight layer must get an IC.
 
     ``gaps`` lists the weight layers left without an IC block and why; the record's
     ``status`` is ``ok`` only when there are none.
     """
     model, device = build_on_meta(entry)
-    the_plan = plan(model)
-    converted = convert(model, plan=the_plan)
+    analysis = analyse(model)
+    the_plan = make_plan(model, Options(), analysis)
+    converted = convert(model, plan=through_json(the_plan))
     stem = {n.target for n in the_plan.notes if n.reason.startswith("stem")}
     sites = {e.target for e in the_plan.edits if e.action == "insert-ic"}
     layers = [name for name, m in converted.named_modules() if is_weight_layer(m)]
@@ -124,7 +136,6 @@ def meta_check(entry: Entry) -> Record:
     gaps = {name: reasons.get(name, "no IC block after convert")
             for name in layers if name not in stem and not isinstance(converted.get_submodule(name), ICWeightLayer)}
     gaps.update({name: "planned IC block missing after convert" for name in sites - set(layers) - stem})
-    analysis = the_plan.analysis
     return {
         "status": "ok" if not gaps else "gap",
         "device": device,
@@ -346,8 +357,8 @@ def _versions() -> str:
 _PASSED = {"meta": ("ok",), "real": ("ok", "skipped")}
 _SECTIONS = {
     "meta": "Meta sweep: `plan` + `convert` on the meta device\n\nEvery model is built on `meta` (no weights), "
-            "planned and converted; it passes when every weight layer that does not read the model input has an IC "
-            "block in the converted model. `gap` lists the layers left without one and why.",
+            "planned, its plan carried through JSON and the model converted by the plan read back; it passes when "
+            "every weight layer that does not read the model input has an IC block in the converted model. `gap` lists the layers left without one and why.",
     "real": "Real-tensor checks: `icrewrite.testing.check_conversion`\n\nEvery model within the parameter budget "
             "(`--max-params`) is built with random weights and randomised norms and checked on 4 random images at "
             "the smallest size it runs at (`--img-size`, doubled until the model runs in eval and train mode, else its "

@@ -33,6 +33,7 @@ __all__ = [
     "model_from_args",
     "add_conversion_arguments",
     "conversion_options",
+    "given_conversion_flags",
     "progress",
 ]
 
@@ -99,6 +100,17 @@ def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
 def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``icrewrite.plan``/``icrewrite.convert`` from the parsed options."""
     return {option.name: getattr(args, option.name) for option in dataclasses.fields(Options)}
+
+
+_FLAGS = {"p": "--p", "init": "--init", "stem": "--stem", "head": "--no-head", "exclude": "--exclude",
+          "layout": "--layout"}  # conversion option -> the flag that sets it
+
+
+def given_conversion_flags(args: argparse.Namespace) -> list[str]:
+    """The conversion flags whose values differ from the defaults (what the user asked to change)."""
+    defaults = Options().to_dict()
+    given = {**conversion_options(args), "exclude": list(args.exclude)}
+    return [_FLAGS[name] for name, value in given.items() if value != defaults[name]]
 
 
 def build_parser() -> argparse.ArgumentParser:

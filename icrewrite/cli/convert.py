@@ -15,8 +15,9 @@ from .. import convert, verify
 from ..checkpoint import example_input, refuse_overwrite, save
 from ..errors import ConversionError
 from ..rewrite import TOLERANCE
-from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args,
-               progress)
+from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, given_conversion_flags,
+               model_from_args, progress)
+from .plan import read_plan
 
 CALIBRATION_BATCH_SIZE = 32
 
@@ -35,6 +36,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="file (.safetensors) or folder to write")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     add_conversion_arguments(parser)
+    parser.add_argument("--plan", metavar="PATH",
+                        help="convert by this plan (written by `icrewrite plan MODEL --json PATH`) instead of "
+                             "planning again; the plan holds its options, so none of the options above go with it")
     parser.add_argument("--calibrate", metavar="DATA",
                         help="set IC statistics from real images: 'digits', an ImageFolder directory or a timm "
                              "dataset NAME:ROOT (with --init preserve)")
@@ -57,14 +61,25 @@ def calibration_batches(data: str, model: nn.Module, batches: int) -> Iterable:
                 unit="batch", file=sys.stderr)
 
 
+def _conversion(args: argparse.Namespace) -> dict[str, Any]:
+    """``convert``'s keyword arguments: the plan of ``--plan``, or the conversion options."""
+    if args.plan is None:
+        return conversion_options(args)
+    flags = given_conversion_flags(args)
+    if flags:
+        raise ConversionError(f"--plan converts with the plan's own options; {', '.join(flags)} cannot be given "
+                              "with it (make the plan with them: `icrewrite plan MODEL ... --json PATH`)")
+    return {"plan": read_plan(args.plan)}
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.force:
         refuse_overwrite(args.output)  # before minutes of work, not after
+    conversion = _conversion(args)
     original = model_from_args(args)
     calibration = calibration_batches(args.calibrate, original, args.calibrate_batches) if args.calibrate else None
-    progress("converting")
-    converted = convert(original, calibration=calibration, calibration_batches=args.calibrate_batches,
-                        **conversion_options(args))
+    progress("converting" + (f" by the plan in {args.plan}" if args.plan else ""))
+    converted = convert(original, calibration=calibration, calibration_batches=args.calibrate_batches, **conversion)
     if args.verify:
         progress("comparing eval-mode outputs")
     report = verify(original, converted, example_input(original) if args.verify else None)

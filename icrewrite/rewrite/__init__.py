@@ -2,26 +2,30 @@
 
 ``_trace`` (torch.fx graphs, one per scope) -> ``_analyse`` (weight layers, BatchNorm ->
 activation patterns from ``_patterns``, attention reroutes from ``_reroute``, residual units
-from ``_layouts``) -> ``_plan`` (the edits, as data) -> ``_apply`` (fold, reroute, attach IC
+from ``_layouts``) -> ``_plan`` (the edits, as data: JSON in and out) -> ``_apply`` (fold, reroute, attach IC
 blocks; statistics from ``_init_stats``) -> ``_verify`` (parameter and function parity).
 What counts as a weight layer, norm or activation is ``icrewrite.registry``'s.
 """
 from __future__ import annotations
 
 from ._analyse import Analysis, Layer, NormBeforeAct, analyse
-from ._apply import apply, convert, fold_bn_into, options_of
+from ._apply import apply, convert, fold_bn_into, options_of, plan_of, replay
 from ._clone import clone_module
 from ._init_stats import activation_moments, calibrate, site_moments
 from ._layouts import LAYOUTS, ResidualUnit, residual_units
-from ._plan import INITS, Edit, Note, Options, Plan, plan
+from ._patterns import ActivationRef, FunctionActivation, ModuleActivation
+from ._plan import (INITS, SCHEMA_VERSION, Edit, FoldNorm, InsertIC, InsertICAfter, MoveAct, Note, Options, Plan,
+                    ReplaceNormAct, RouteThroughModule, Statistics, make_plan, plan)
 from ._probe import LayerWatch, probe_weight_use
-from ._reroute import Reroute, find_reroute, route
+from ._reroute import Reroute, class_path, find_reroute, import_class, route
 from ._trace import Scope, trace_scopes
 from ._verify import TOLERANCE, Report, output_tensors, verify
 
 __all__ = [
     "trace_scopes", "Scope", "analyse", "Analysis", "Layer", "NormBeforeAct", "Reroute", "find_reroute", "route",
-    "LAYOUTS", "ResidualUnit", "residual_units", "plan", "Plan", "Edit", "Note", "Options", "INITS",
-    "convert", "apply", "fold_bn_into", "options_of", "clone_module", "activation_moments", "site_moments",
-    "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors",
+    "class_path", "import_class", "LAYOUTS", "ResidualUnit", "residual_units", "plan", "make_plan", "Plan", "Edit",
+    "InsertIC", "FoldNorm", "ReplaceNormAct", "RouteThroughModule", "MoveAct", "InsertICAfter", "Statistics",
+    "ActivationRef", "ModuleActivation", "FunctionActivation", "Note", "Options", "INITS", "SCHEMA_VERSION",
+    "convert", "replay", "apply", "fold_bn_into", "options_of", "plan_of", "clone_module", "activation_moments",
+    "site_moments", "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..layers import ICWeightLayer
 from ..registry import WEIGHT_FUNCTIONS, is_batchnorm, is_foldable_into, is_weight_layer, weight_layer_features
-from ._patterns import Activation, activation_of, fused_activation, through_passthrough
+from ._patterns import ActivationRef, ModuleActivation, activation_of, fused_activation, through_passthrough
 from ._probe import probe_weight_use
 from ._reroute import Reroute, find_reroute
 from ._trace import Scope, trace_scopes
@@ -41,7 +41,7 @@ class Layer:
     reads_model_input: bool = False
     functional: bool = False  # its parameters are read by get_attr (used outside its forward)
     has_ic: bool = False
-    source: tuple[str, Activation] | None = None  # (BatchNorm name, activation) when input = act(BN(.))
+    source: tuple[str, ActivationRef] | None = None  # (BatchNorm name, activation) when input = act(BN(.))
     routed_by: str | None = None  # not called as a module, until this attention module is rerouted
 
 
@@ -156,7 +156,7 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
             layer.called = True
         elif is_batchnorm(module):
             fused = fused_activation(module)
-            act_users = [(u, activation_of(u, modules)) for u in through_passthrough(node, modules)]
+            act_users = [(u, activation_of(u, modules, scope.qualname)) for u in through_passthrough(node, modules)]
             act_users = [(u, fn) for u, fn in act_users if fn is not None]
             if fused is None and not act_users:
                 continue  # not before an activation: the paper keeps such BatchNorms
@@ -166,7 +166,7 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
             norms.append(NormBeforeAct(name, module, None if reason else scope.qualname(producer.target),
                                        fused is not None, reason))
             # Data-free IC statistics for weight layers that read act(BN(.)) directly.
-            outputs = [(node, fused)] if fused is not None else act_users
+            outputs = [(node, ModuleActivation(f"{name}.act"))] if fused is not None else act_users
             for out, act in outputs:
                 for user in through_passthrough(out, modules):
                     target = scope.qualname(user.target) if user.op == "call_module" else None

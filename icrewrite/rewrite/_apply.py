@@ -1,5 +1,10 @@
 """``convert``: apply a plan to a model (fold, replace, attach IC blocks) and initialise it.
 
+``apply`` works from the plan's data and the model alone (the plan names modules by path), so a
+plan read back from JSON or a checkpoint converts a fresh model of the same architecture
+exactly as the plan made from it would. A converted model records its options
+(``icrewrite_options``) and its plan (``icrewrite_plan``, as ``Plan.to_dict()``).
+
 Like ``torch.fx.experimental.optimization.fuse``, it works on a deep copy
 (``clone_module``) unless ``inplace=True``. The model keeps its class and every weight layer its name; a BatchNorm
 that is removed becomes ``nn.Identity`` (or its activation, for fused norm+act modules),
@@ -19,11 +24,11 @@ from ..layers import IC, attach_ic
 from ._clone import clone_module
 from ._init_stats import calibrate, site_moments
 from ._layouts import branch_end_module
-from ._plan import Edit, Options, Plan
-from ._plan import plan as make_plan
+from ._plan import (FoldNorm, InsertIC, InsertICAfter, MoveAct, Options, Plan, ReplaceNormAct, RouteThroughModule,
+                    make_plan)
 from ._reroute import route
 
-__all__ = ["convert", "apply", "fold_bn_into"]
+__all__ = ["convert", "replay", "apply", "fold_bn_into", "options_of", "plan_of"]
 
 
 def _parent_name(target: str) -> tuple[str, str]:
@@ -50,9 +55,9 @@ def fold_bn_into(layer: nn.Module, norm: nn.Module) -> None:
     layer.weight, layer.bias = weight, bias
 
 
-def _norm_replacement(norm: nn.Module, edit: Edit) -> nn.Module:
+def _norm_replacement(norm: nn.Module, edit: FoldNorm) -> nn.Module:
     """What stands where a folded BatchNorm was: Identity, or a fused module's drop + act."""
-    if edit.action == "fold-norm":
+    if not isinstance(edit, ReplaceNormAct):
         return nn.Identity()
     drop = getattr(norm, "drop", None)
     if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
@@ -61,21 +66,20 @@ def _norm_replacement(norm: nn.Module, edit: Edit) -> nn.Module:
 
 
 def _data_free_stats(model: nn.Module, the_plan: Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """IC input mean and variance for layers that read act(BN(.)), from that BN's affine."""
+    """IC input mean and variance for layers that read act(BN(.)), from that BN's affine and
+    the activation the plan names, both looked up in ``model`` (before anything is folded)."""
     sites = {}
-    assert the_plan.analysis is not None
     for edit in the_plan.edits:
-        layer = the_plan.analysis.layers.get(edit.target) if edit.action == "insert-ic" else None
-        if layer is None or layer.source is None:
+        if not isinstance(edit, InsertIC) or edit.statistics is None:
             continue
-        norm = model.get_submodule(layer.source[0])
-        if norm.running_mean.device.type == "meta" or norm.running_mean.numel() != layer.features:
+        norm = model.get_submodule(edit.statistics.norm)
+        if norm.running_mean.device.type == "meta" or norm.running_mean.numel() != edit.features:
             continue
         weight = getattr(norm, "weight", None)
         bias = getattr(norm, "bias", None)
         mean = bias.detach() if bias is not None else torch.zeros_like(norm.running_mean)
         std = weight.detach() if weight is not None else torch.ones_like(norm.running_var)
-        sites[edit.target] = (layer.source[1], mean.float(), std.float())
+        sites[edit.target] = (edit.statistics.activation.resolve(model), mean.float(), std.float())
     return site_moments(sites)
 
 
@@ -110,39 +114,39 @@ class _ICFactory:
 
 
 def apply(model: nn.Module, the_plan: Plan) -> nn.Module:
-    """Make the edits of ``the_plan`` on ``model`` in place."""
+    """Make the edits of ``the_plan`` on ``model`` in place: folds, moved activations,
+    reroutes, then IC blocks (initialised as ``the_plan.options.init`` says)."""
     opts = the_plan.options
     preserve = opts.init == "preserve"
     stats = _data_free_stats(model, the_plan) if preserve else {}
     modules = dict(model.named_modules())  # weight layers and norms: only the norms are replaced, once each
     for edit in the_plan.edits:
-        if edit.action in ("fold-norm", "replace-norm-act"):
+        if isinstance(edit, FoldNorm):
             norm = modules[edit.target]
             fold_bn_into(modules[edit.into], norm)
             replace_module(model, edit.target, _norm_replacement(norm, edit))
+    ends_with_ic = {e.target: e for e in the_plan.edits if isinstance(e, InsertICAfter)}
     for edit in the_plan.edits:
-        if edit.action == "move-act":
+        if isinstance(edit, MoveAct):
             act = model.get_submodule(edit.target)
             replace_module(model, edit.target, nn.Identity())
-            after = next((e for e in the_plan.edits if e.action == "insert-ic-after" and e.target == edit.into), None)
+            after = ends_with_ic.get(edit.into)
             ic = IC(after.features, opts.p, device=_module_device(model, edit.into)) if after else None
             replace_module(model, edit.into, branch_end_module(model.get_submodule(edit.into), act, ic))
     new_ic = _ICFactory(opts.p, identity=preserve)
     for edit in the_plan.edits:
-        if edit.action == "route-through-module":
-            attention, reroute = model.get_submodule(edit.target), the_plan.analysis.reroutes[edit.target]
-            ic = (new_ic(reroute.input_features, -1, next(attention.parameters()), attention.training)
-                  if reroute.input_features else None)  # on the attention input, before its packed projection
-            route(attention, reroute, ic)
+        if isinstance(edit, RouteThroughModule):
+            attention = model.get_submodule(edit.target)
+            ic = (new_ic(edit.features, -1, next(attention.parameters()), attention.training)
+                  if edit.features else None)  # on the attention input, before its packed projection
+            route(attention, edit.reroute(), ic)
     for edit in the_plan.edits:
-        if edit.action != "insert-ic":
-            continue
-        layer = modules[edit.target]  # weight layers keep their place through the edits above
-        info = the_plan.analysis.layers[edit.target]
-        ic = new_ic(info.features, info.feature_dim, next(layer.parameters()), layer.training)
-        if edit.target in stats:
-            ic.set_identity(*stats[edit.target])
-        attach_ic(layer, ic)
+        if isinstance(edit, InsertIC):
+            layer = modules[edit.target]  # weight layers keep their place through the edits above
+            ic = new_ic(edit.features, edit.feature_dim, next(layer.parameters()), layer.training)
+            if edit.target in stats:
+                ic.set_identity(*stats[edit.target])
+            attach_ic(layer, ic)
     return model
 
 
@@ -175,17 +179,39 @@ def convert(
     ``model`` is untouched unless ``inplace=True``. Converting a converted model changes
     nothing; a partially converted one is an error.
 
-    ``plan``: what ``icrewrite.plan(model, **options)`` returned for this model, to
-    convert by it instead of tracing the model again; its options apply.
+    ``plan``: what ``icrewrite.plan(model, **options)`` returned for this model or for another
+    of the same architecture (also through ``Plan.to_dict()``/``from_dict()``), to convert by
+    it instead of tracing the model; its options apply.
     """
     options = Options(p=p, init=init, stem=stem, head=head, exclude=exclude, layout=layout)
     if plan is not None:
-        _check_given_plan(plan, model, options)
+        if options not in (Options(), plan.options):
+            raise ConversionError(f"convert got a plan made with {plan.options.to_dict()} and the options "
+                                  f"{options.to_dict()}; give the options to plan() only")
+        _check_model(plan, model, count_parameters=True)
         options = plan.options
     if calibration is not None and options.init != "preserve":
         raise ConversionError("calibration sets statistics that preserve the function; it needs init='preserve'")
     target = model if inplace else clone_module(model)
-    the_plan = plan if plan is not None else make_plan(target, _options=options)
+    the_plan = plan if plan is not None else make_plan(target, options)
+    return _convert_by(target, the_plan, calibration, calibration_batches)
+
+
+def replay(model: nn.Module, the_plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """Convert ``model`` by a plan recorded for its architecture, as ``load`` does with the plan
+    a checkpoint holds; returns the converted model (``model`` itself when ``inplace``).
+
+    Unlike ``convert(model, plan=...)`` the parameter count is not compared with the plan's:
+    a model whose weights were tied when it was planned (shared tensors count once) is rebuilt
+    untied. Every module the plan names must exist; the weights loaded afterwards check the rest.
+    """
+    _check_model(the_plan, model, count_parameters=False)
+    return _convert_by(model if inplace else clone_module(model), the_plan)
+
+
+def _convert_by(target: nn.Module, the_plan: Plan, calibration: Iterable | torch.Tensor | None = None,
+                calibration_batches: int = 8) -> nn.Module:
+    """Apply ``the_plan`` to ``target`` in place, calibrate, and record options and plan on it."""
     if the_plan.present and the_plan.count("insert-ic"):
         raise ConversionError(
             f"{the_plan.model} is partially converted: {len(the_plan.present)} weight layers already have IC "
@@ -196,19 +222,18 @@ def convert(
     apply(target, the_plan)
     if calibration is not None:
         calibrate(target, calibration, max_batches=calibration_batches)
-    target.icrewrite_options = options.to_dict()
+    target.icrewrite_options = the_plan.options.to_dict()
+    target.icrewrite_plan = the_plan.to_dict()
     return target
 
 
-def _check_given_plan(given: Plan, model: nn.Module, options: Options) -> None:
-    """A plan given to ``convert`` must be this model's, and options given beside it must be its own."""
-    if options not in (Options(), given.options):
-        raise ConversionError(f"convert got a plan made with {given.options.to_dict()} and the options "
-                              f"{options.to_dict()}; give the options to plan() only")
+def _check_model(given: Plan, model: nn.Module, *, count_parameters: bool) -> None:
+    """A plan must be this model's: every module its edits name exists, and (``count_parameters``)
+    the model has the parameter count the plan was made for."""
     params = sum(p.numel() for p in model.parameters())
-    names = {name for name, _ in model.named_modules()}
-    missing = [edit.target for edit in given.edits if edit.target not in names]
-    if params != given.params_before or missing:
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    missing = [path for edit in given.edits for path in edit.module_paths() if path not in names]
+    if missing or (count_parameters and params != given.params_before):
         difference = f"no module {missing[0]}" if missing else f"{params:,} parameters"
         raise ConversionError(f"the plan was made for {given.model} with {given.params_before:,} parameters, "
                               f"not this model ({difference})")
@@ -217,3 +242,10 @@ def _check_given_plan(given: Plan, model: nn.Module, options: Options) -> None:
 def options_of(model: nn.Module) -> dict[str, Any] | None:
     """The options a converted model was made with (``None`` for a model icrewrite did not convert)."""
     return getattr(model, "icrewrite_options", None)
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    """The plan a converted model was made by (``None`` for a model converted before plans were
+    recorded, or not converted by icrewrite)."""
+    recorded = getattr(model, "icrewrite_plan", None)
+    return None if recorded is None else Plan.from_dict(recorded)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..layers import IC, feature_columns
-from ._patterns import Activation
+from ._patterns import Activation, FunctionActivation
 
 __all__ = ["activation_moments", "site_moments", "calibrate"]
 
@@ -59,11 +59,14 @@ _PLAIN = (int, float, bool, str, type(None))
 
 def _activation_key(act: Activation, like: torch.Tensor) -> Hashable:
     """Activations that compute the same function share a key: parameter-free modules of one
-    class and configuration (``inplace`` aside); anything else is its own."""
+    class and configuration (``inplace`` aside), equal function calls (``FunctionActivation``);
+    anything else is its own."""
     if isinstance(act, nn.Module) and next(itertools.chain(act.parameters(), act.buffers()), None) is None:
         config = tuple(sorted((k, v) for k, v in vars(act).items()
                               if type(v) in _PLAIN and k not in ("training", "inplace")))
         return type(act), config, like.dtype, like.device
+    if isinstance(act, FunctionActivation):
+        return act, like.dtype, like.device
     return id(act)
 
 

@@ -15,10 +15,12 @@ the same function with those layers called as modules, so they become ordinary I
   child ``ic``, applied to the attention input (query = key = value).
 
 The subclasses (``icrewrite.layers.attention``) keep the module's name, parameters and
-state-dict keys, and ``isinstance`` holds.
+state-dict keys, and ``isinstance`` holds. A plan records a routed class by its import path,
+``"module:qualname"`` (:func:`class_path`, :func:`import_class`).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from ..layers import IC, swap_class
 from ..layers.attention import RoutedMultiheadAttention, RoutedShiftedWindowAttention, RoutedShiftedWindowAttentionV2
 from ..registry import register_reroute, reroute_finders
 
-__all__ = ["Reroute", "find_reroute", "route"]
+__all__ = ["Reroute", "find_reroute", "route", "class_path", "import_class"]
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,37 @@ def find_reroute(attention: nn.Module, calls: Sequence[fx.Node]) -> Reroute | No
     return next((r for find in reroute_finders(attention) if (r := find(attention, calls)) is not None), None)
 
 
+def class_path(cls: type) -> str:
+    """``"module:qualname"`` of a class, what :func:`import_class` reads back."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_class(path: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass a :func:`class_path` names, imported; ``ConversionError`` when
+    there is none (a class defined inside a function has no import path)."""
+    module_name, _, qualname = path.partition(":")
+    try:
+        found: object = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConversionError(f"cannot import the routed class {path!r} ({type(err).__name__}: {err}); a routed class "
+                              "must be defined at the top level of a module") from err
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ConversionError(f"{path!r} is not an nn.Module class")
+    return found
+
+
 def route(attention: nn.Module, reroute: Reroute, ic: IC | None = None) -> None:
     """Apply ``reroute`` to ``attention`` in place; ``ic`` is the IC block for its input, which
-    a reroute with ``input_features`` needs (``convert`` makes it as it makes every block)."""
+    a reroute with ``input_features`` needs (``convert`` makes it as it makes every block).
+    The class it becomes must subclass the module's own class, so that ``isinstance`` holds."""
     if (ic is None) != (reroute.input_features == 0):
         raise ConversionError(f"this reroute takes an IC block of {reroute.input_features} features on the attention "
                               f"input, got {ic}")
+    if reroute.routed_class is not None and not issubclass(reroute.routed_class, type(attention)):
+        raise ConversionError(f"cannot reroute {type(attention).__name__} to {reroute.routed_class.__name__}, which is "
+                              "not a subclass of it")
     if reroute.routed_class is None:
         attention.qkv_bias_separate = True
         return
