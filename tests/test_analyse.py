@@ -9,7 +9,7 @@ from timm.layers import BatchNormAct2d, DropPath, StdConv2d
 from torch import nn
 
 import icrewrite
-from icrewrite.rewrite import analyse
+from icrewrite.rewrite import ModuleActivation, analyse
 from icrewrite.testing import check_conversion
 
 from nets import PATTERNS
@@ -222,7 +222,7 @@ def test_the_analysis_is_the_same_in_train_and_eval_mode_through_drop_path():
     for training in (True, False):
         analysis = analyse(model.train(training))
         assert [(n.name, n.producer) for n in analysis.norms] == [("1", "0")], training
-        assert analysis.layers["4"].source == ("1", model[3]), training
+        assert analysis.layers["4"].source == ("1", ModuleActivation("3")), training
 
 
 # --- sources of data-free statistics ---------------------------------------------------------------
@@ -231,11 +231,11 @@ def test_source_is_the_batchnorm_and_activation_a_layer_reads():
     model = Folds()
     layers = analyse(model).layers
     assert layers["conv1"].source is None  # reads the model input
-    assert layers["conv2"].source == ("bn1", model.act1)
+    assert layers["conv2"].source == ("bn1", ModuleActivation("act1"))
     name, act = layers["conv3"].source  # F.silu after Dropout
     t = torch.linspace(-3, 3, 13)
     assert name == "bn2" and torch.equal(act(t), F.silu(t))
-    assert layers["conv4"].source == ("bn3", model.bn3.act)  # the fused activation
+    assert layers["conv4"].source == ("bn3", ModuleActivation("bn3.act"))  # the fused activation
     assert layers["fc"].source is None  # relu of an add, not of a BatchNorm
 
 

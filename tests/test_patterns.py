@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, DropPath
 from torch import nn
 
-from icrewrite.rewrite import trace_scopes
+from icrewrite.rewrite import ModuleActivation, trace_scopes
 from icrewrite.rewrite._patterns import activation_of, fused_activation, is_passthrough, through_passthrough
 
 
@@ -42,9 +42,10 @@ def activations():
     return traced(Activations())
 
 
-def test_an_activation_module_is_itself_and_another_module_is_none(activations):
+def test_an_activation_module_is_named_by_its_path_and_another_module_is_none(activations):
     nodes, modules = activations
-    assert activation_of(nodes["act"], modules) is modules["act"]
+    assert activation_of(nodes["act"], modules) == ModuleActivation("act")
+    assert activation_of(nodes["act"], modules).resolve(modules[""]) is modules["act"]
     assert activation_of(nodes["conv"], modules) is None
 
 
