@@ -369,7 +369,8 @@ def _train_mode_without_updates(model: nn.Module) -> Iterator[None]:
 def _seeded_dropout(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNG (Dropout masks) for the block and give the caller's state back."""
     accelerators = [] if device.type == "cpu" else [device]
-    with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else None):
+    # device_type always named: torch 2.11 refuses None, which 2.14 takes for "the current accelerator".
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
         torch.manual_seed(seed)
         yield
 

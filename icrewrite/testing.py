@@ -134,7 +134,8 @@ class _WeightOpRecorder(LayerWatch):
     """
 
     def __init__(self, layers: dict[str, nn.Module], sites: dict[str, _ObservedSite]) -> None:
-        weights = {id(m.weight): name for name, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        weights = {id(m.weight): name for name, m in layers.items()
+                   if isinstance(getattr(m, "weight", None), torch.Tensor)}
         super().__init__(layers, weights)
         self.sites = sites
 

@@ -196,6 +196,21 @@ def test_fast_path_is_skipped_where_it_does_not_apply():
         ic(torch.randn(1, 4))
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_fast_path_applies_under_compile_but_not_under_export(strict):
+    """torch.compile keeps the fast path; torch.export records the reference ops. (On torch 2.11 Dynamo traces
+    torch.compiler.is_exporting() as True under torch.compile too: icrewrite.compat.is_exporting.)"""
+    ic = IC(4, P).train()
+    x = torch.randn(8, 4, 3, 3)
+
+    class Probe(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t + (1.0 if fast_ic.applies(ic.norm, ic.drop, t) else -1.0)
+
+    torch.testing.assert_close(torch.compile(Probe(), backend="eager", fullgraph=True)(x), x + 1)
+    torch.testing.assert_close(torch.export.export(Probe(), (x,), strict=strict).module()(x), x - 1)
+
+
 # --- the IC block fused with its weight layer (ICWeightLayer in CPU training) -----------
 
 LAYERS = {

@@ -40,6 +40,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import compat
+
 __all__ = [
     "applies", "batch_norm_dropout", "norm_dropout", "dropped_positions",
     "ConvCall", "LinearCall", "LayerCall", "layer_call", "norm_dropout_layer",
@@ -441,7 +443,7 @@ def _exporting(x: torch.Tensor) -> bool:
     ``torch.compile`` is not one: it keeps the fast path's custom operators as they are.
     """
     return (
-        torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        compat.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         or isinstance(x, torch.fx.Proxy))
 
 

@@ -113,7 +113,8 @@ def _weight_owner(node: fx.Node, scope: Scope) -> str | None:
     return None
 
 
-def _unregistered_weights(scope: Scope, layers: dict[str, Layer], modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+def _unregistered_weights(scope: Scope, layers: dict[str, Layer], modules: dict[str, nn.Module]
+                          ) -> list[tuple[str, str]]:
     """Notes for modules that apply a weight of their own with ``F.conv*``/``F.linear`` in their
     forward but are no registered weight layer: they get no IC block, and the note says how to
     register them (a weight layer's weight used elsewhere is handled as ``functional``)."""
