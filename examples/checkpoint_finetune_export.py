@@ -34,10 +34,10 @@ def icrewrite(*args: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="folder for the files (default: a new temporary folder)")
-    parser.add_argument("--tiny", action="store_true", help="timm's test_resnet, 16x16 images, one epoch")
+    parser.add_argument("--tiny", action="store_true", help="timm's resnet10t, 16x16 images, one epoch")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="icrewrite-example-"))
-    name, size, epochs = ("test_resnet", 16, 1) if args.tiny else ("resnet18", 32, 3)
+    name, size, epochs = ("resnet10t", 16, 1) if args.tiny else ("resnet18", 32, 3)
 
     # Stand-in for the checkpoint you bring: a timm model's weights saved as a .pth state dict.
     model = randomize_norms(timm.create_model(name, num_classes=10))

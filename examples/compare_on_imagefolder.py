@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--p", type=float, default=0.05, help="dropout probability of the IC blocks")
     parser.add_argument("--out", type=Path, help="output folder (default: a new temporary folder)")
-    parser.add_argument("--tiny", action="store_true", help="timm's test_resnet at 16x16 for one epoch")
+    parser.add_argument("--tiny", action="store_true", help="timm's resnet10t at 16x16 for one epoch")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.model, args.img_size, args.epochs = "test_resnet", 16, 1
+        args.model, args.img_size, args.epochs = "resnet10t", 16, 1
     out = args.out or Path(tempfile.mkdtemp(prefix="icrewrite-compare-"))
 
     train = make_loader(args.data, "train", args.batch_size, args.img_size)

@@ -18,9 +18,9 @@ from icrewrite.testing import randomize_norms
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", help="any timm model name (default resnet50)")
-    parser.add_argument("--tiny", action="store_true", help="use timm's test_resnet at 32x32 instead")
+    parser.add_argument("--tiny", action="store_true", help="use timm's resnet10t at 32x32 instead")
     args = parser.parse_args(argv)
-    name, size = ("test_resnet", 32) if args.tiny else (args.model, None)
+    name, size = ("resnet10t", 32) if args.tiny else (args.model, None)
 
     model = timm.create_model(name, pretrained=False)
     randomize_norms(model)  # stands in for trained weights: BatchNorm statistics far from their defaults

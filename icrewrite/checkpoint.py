@@ -33,11 +33,11 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
-from timm.models import load_state_dict, parse_model_name, split_model_name_tag
-from timm.models._hub import save_config_for_hf
+from timm.models import split_model_name_tag
 from torch import nn
 
 from . import __version__, model_info
+from .compat import create_model, load_state_dict, model_args_recorded, parse_model_name, save_config_for_hf
 from .errors import CheckpointError, ConversionError
 from .files import atomic_path
 from .rewrite import Plan, Report, convert, options_of, output_tensors, replay
@@ -185,7 +185,7 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
             hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
             raise CheckpointError(f"unknown timm model {architecture!r}{hint}")
     try:  # model constructors reject bad arguments and unreachable weights in many ways
-        return timm.create_model(name, **kwargs)
+        return create_model(name, **kwargs)
     except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as err:
         raise CheckpointError(f"cannot create {name}: {err}") from err
 
@@ -258,21 +258,69 @@ def _probe(model: nn.Module, x: torch.Tensor) -> list[float]:
     return flat[index].tolist()
 
 
-def _timm_config(model: nn.Module) -> dict[str, Any]:
+def _timm_config(model: nn.Module, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """timm's ``config.json`` for ``model`` (timm only writes it to a file, so read that back)."""
     if not isinstance(getattr(model, "pretrained_cfg", None), Mapping):
         raise CheckpointError(f"cannot save {type(model).__name__}: only models made by timm.create_model can be "
                               "rebuilt from a file (they record their architecture and arguments)")
     with tempfile.TemporaryDirectory() as folder:
         try:
-            save_config_for_hf(model, Path(folder) / CONFIG_NAME)
+            save_config_for_hf(model, Path(folder) / CONFIG_NAME, model_args=model_args)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"cannot save {model_info.architecture(model)}: {err}") from err
         return json.loads((Path(folder) / CONFIG_NAME).read_text())
 
 
-def _config(model: nn.Module, parity: Report | None) -> dict[str, Any]:
-    config = _timm_config(model)
+def _rebuild(config: dict[str, Any], source: str | os.PathLike) -> nn.Module:
+    """The architecture ``config`` describes (weights as built), converted as recorded: its plan
+    replayed, with no tracing or analysis, or, for a file written before plans were recorded,
+    converted with its options. ``source`` names the file in errors."""
+    model = create_timm_model(config["architecture"], pretrained=False,
+                              pretrained_cfg_overlay=config.get("pretrained_cfg"), **config.get("model_args", {}))
+    section = config["icrewrite"]
+    recorded = _recorded_plan(source, section)
+    if recorded is not None:
+        return replay(model, recorded, inplace=True)
+    return model if section["options"] is None else convert(model, inplace=True, **section["options"])
+
+
+def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
+    """Refuse to write a config that ``load`` would rebuild into another architecture.
+
+    Only needed for a model without recorded constructor arguments (built by
+    ``timm.create_model`` of timm <= 1.0.30, see ``compat.model_args_recorded``): its config
+    holds only the arguments the model shows. The architecture is rebuilt on ``meta``
+    (on the CPU for builders that need real tensors) and its state-dict layout compared.
+    """
+    try:
+        try:
+            with torch.device("meta"):
+                expected = _rebuild(config, "the config to save").state_dict()
+        except Exception:  # builders that need real tensors (.item(), .tolist()); a real failure recurs on the CPU
+            expected = _rebuild(config, "the config to save").state_dict()
+    except CheckpointError as err:
+        problem = str(err)
+    else:
+        actual = model.state_dict()
+        missing = [k for k in expected if k not in actual]
+        unexpected = [k for k in actual if k not in expected]
+        shapes = [f"{k}: model {tuple(actual[k].shape)}, rebuilt {tuple(expected[k].shape)}"
+                  for k in actual if k in expected and actual[k].shape != expected[k].shape]
+        if not (missing or unexpected or shapes):
+            return
+        problem = "; ".join(f"{len(items)} {what} ({_few(items)})" for what, items in
+                            (("keys missing", missing), ("extra keys", unexpected), ("shape mismatches", shapes))
+                            if items)
+    raise CheckpointError(
+        f"cannot save {model_info.architecture(model)}: its config would rebuild another architecture ({problem}). This timm "
+        f"({timm.__version__}; before 1.0.31) does not record the arguments timm.create_model was given: pass them "
+        "as save(..., model_args={...}), or build the model with icrewrite.load_model(name, **kwargs), which "
+        "records them")
+
+
+def _config(model: nn.Module, parity: Report | None, model_args: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+    config = _timm_config(model, model_args)
     x = example_input(model, batch_size=1)
     config["icrewrite"] = {
         "version": __version__,
@@ -281,6 +329,8 @@ def _config(model: nn.Module, parity: Report | None) -> dict[str, Any]:
         "parity": None if parity is None else parity.to_dict(),
         "probe": {"input_size": list(x.shape[1:]), "seed": 0, "values": _probe(model, x)},
     }
+    if not model_args_recorded(model):
+        _check_rebuilds(model, config)
     return config
 
 
@@ -298,7 +348,8 @@ def refuse_overwrite(path: str | os.PathLike) -> None:
         raise CheckpointError(f"output exists: {_few(existing)}; pass --force (force=True) to overwrite it")
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = None, force: bool = False) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = None, force: bool = False,
+         model_args: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` (a timm model, converted or not) so that ``load(path)`` rebuilds it.
 
     ``path`` ending in ``.safetensors`` is one file; any other path is a folder in the
@@ -306,12 +357,18 @@ def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = N
     summary. Each file is written to a temporary name and renamed, weights before
     config; an existing file is only replaced with ``force=True``. Tied weights are
     stored once (``safetensors.torch.save_model``).
+
+    The config records the arguments the model was built with (``model_args``), for ``load``
+    to rebuild it. timm >= 1.0.31 records them in ``timm.create_model``, and ``load_model``
+    records them on every timm; for a model that ``timm.create_model`` of an older timm built,
+    only what the model shows (``num_classes``, ``in_chans``, ``global_pool``) is known: give
+    the others as ``model_args`` (a config that would rebuild another architecture is refused).
     """
     path = Path(path)
     weights, config_file = _files(path)
     if not force:
         refuse_overwrite(path)
-    config = _config(model, parity)
+    config = _config(model, parity, model_args)
     text = json.dumps(config, indent=2)
     with atomic_path(weights) as tmp:
         safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(config)})
@@ -349,7 +406,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _recorded_plan(path: Path, section: dict[str, Any]) -> Plan | None:
+def _recorded_plan(path: str | os.PathLike, section: dict[str, Any]) -> Plan | None:
     """The plan a checkpoint records, or None when it has none (written before plans were
     recorded, or of a model that was not converted)."""
     recorded = section.get("plan")
@@ -367,14 +424,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     a plan is converted with its recorded options), then the weights loaded strictly."""
     path = Path(path)
     config = read_config(path)
-    model = create_timm_model(config["architecture"], pretrained=False,
-                              pretrained_cfg_overlay=config.get("pretrained_cfg"), **config.get("model_args", {}))
-    section = config["icrewrite"]
-    recorded = _recorded_plan(path, section)
-    if recorded is not None:
-        model = replay(model, recorded, inplace=True)
-    elif section["options"] is not None:
-        model = convert(model, inplace=True, **section["options"])
+    model = _rebuild(config, path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     fit_state_dict(model, read_state_dict(weights), source=str(weights))
     return model.eval()

@@ -190,7 +190,8 @@ def test_converted_attention_traces_with_its_layers_as_module_calls(name):
 def test_timm_checkpoint_round_trip(tmp_path):
     model = randomize_norms(MODELS["timm-eva02"][0]()).eval()
     converted = icrewrite.convert(model)
-    loaded = load(save(converted, tmp_path / "eva.safetensors"))
+    # the builder's arguments, which timm < 1.0.31 does not record (icrewrite refuses to save without them there)
+    loaded = load(save(converted, tmp_path / "eva.safetensors", model_args={"depth": 2, "img_size": 28}))
     assert loaded.blocks[0].attn.qkv_bias_separate
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():

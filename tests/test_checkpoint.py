@@ -18,12 +18,13 @@ import icrewrite
 from icrewrite import CheckpointError, Plan
 from icrewrite.checkpoint import (check, create_timm_model, example_input, fit_state_dict, load_model, read_config,
                                   read_state_dict, save)
+from icrewrite.compat import TIMM_READS_LOCAL_DIR, TIMM_RECORDS_MODEL_ARGS
 from icrewrite.testing import randomize_norms
 
 from pickles import Marker, Metadata
 from icrewrite.rewrite import TOLERANCE, plan_of
 
-ARCH = "test_resnet"  # timm's own tiny ResNet (0.4M parameters)
+ARCH = "resnet10t"  # timm's smallest ResNet (4.9M parameters), in every timm version
 SMALL = {"num_classes": 10, "pretrained_cfg_overlay": {"input_size": (3, 64, 64)}}  # 64x64 probes: fast
 
 
@@ -161,7 +162,7 @@ def test_fit_names_missing_and_unexpected_keys(model):
 
 def test_fit_names_shapes_and_the_classifier_size(model):
     target = timm.create_model(ARCH, num_classes=7)
-    with pytest.raises(CheckpointError, match=r"fc.weight: file \(10, 96\), model \(7, 96\).*the file has 10 classes "
+    with pytest.raises(CheckpointError, match=r"fc.weight: file \(10, 512\), model \(7, 512\).*the file has 10 classes "
                                               r"\(--num-classes 10\)"):
         fit_state_dict(target, model.state_dict(), source="w.pth")
 
@@ -273,6 +274,7 @@ def test_a_malformed_plan_in_a_checkpoint_is_refused_naming_the_file(tmp_path, c
         icrewrite.load(path)
 
 
+@pytest.mark.skipif(not TIMM_READS_LOCAL_DIR, reason="timm reads local-dir: folders from 1.0.16 on")
 def test_folder_layout_is_readable_by_timm(tmp_path, converted):
     save(converted, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
@@ -280,6 +282,30 @@ def test_folder_layout_is_readable_by_timm(tmp_path, converted):
     assert config["architecture"] == ARCH and config["model_args"]["num_classes"] == 10
     plain = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=False)
     assert type(plain) is type(converted) and plain.num_classes == 10
+
+
+def test_load_model_records_the_builder_arguments(tmp_path):
+    """timm >= 1.0.31 records them itself; load_model does on every timm, so save/load round trips."""
+    converted = icrewrite.convert(load_model(ARCH, stem_width=16, **SMALL))
+    path = save(converted, tmp_path / "ic.safetensors")
+    assert read_config(path)["model_args"]["stem_width"] == 16 and read_config(path)["model_args"]["num_classes"] == 10
+    assert_same_tensors(icrewrite.load(path).state_dict(), converted.state_dict())
+
+
+def test_save_takes_builder_arguments_the_model_does_not_show(tmp_path):
+    converted = icrewrite.convert(timm.create_model(ARCH, stem_width=16, **SMALL))
+    path = save(converted, tmp_path / "ic.safetensors", model_args={"stem_width": 16})
+    assert_same_tensors(icrewrite.load(path).state_dict(), converted.state_dict())
+
+
+@pytest.mark.skipif(TIMM_RECORDS_MODEL_ARGS, reason="timm >= 1.0.31 records the builder arguments itself")
+def test_save_refuses_a_config_that_would_rebuild_another_architecture(tmp_path):
+    """timm <= 1.0.30 keeps no record of ``stem_width=16``: the file would not load, so none is written."""
+    converted = icrewrite.convert(timm.create_model(ARCH, stem_width=16, **SMALL))
+    with pytest.raises(CheckpointError, match=r"would rebuild another architecture \(.*shape mismatches "
+                                              r"\(conv1.0.weight: .*pass them as save\(\.\.\., model_args="):
+        save(converted, tmp_path / "ic.safetensors")
+    assert not (tmp_path / "ic.safetensors").exists()
 
 
 def test_save_refuses_to_overwrite_without_force(tmp_path, converted):

@@ -29,7 +29,7 @@ from icrewrite.testing import randomize_norms
 
 from pickles import Marker, Metadata
 
-ARCH = "test_resnet"  # timm's own tiny ResNet (0.4M parameters)
+ARCH = "resnet10t"  # timm's smallest ResNet (4.9M parameters), in every timm version
 MODEL_ARGS = [ARCH, "--num-classes", "10"]
 
 
@@ -182,7 +182,7 @@ def test_convert_by_a_plan_refuses_options_and_bad_files(tmp_path, original, cap
         "error: --plan converts with the plan's own options; --p, --no-head cannot be given with it (make the plan "
         "with them: `icrewrite plan MODEL ... --json PATH`)"]
     code, _, stderr = run_main(capsys, "convert", "test_efficientnet", "--plan", plan_file, "-o", out)
-    assert code == 2 and "the plan was made for test_resnet" in error_lines(stderr)[0]
+    assert code == 2 and "the plan was made for resnet10t" in error_lines(stderr)[0]
     plan_file.write_text("{not json")
     code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", plan_file, "-o", out)
     assert code == 2 and error_lines(stderr)[0].startswith(f"error: {plan_file}: not a JSON plan")
@@ -248,13 +248,13 @@ def _shape_mismatch(tmp_path: Path, model: torch.nn.Module) -> Path:
 BAD_CHECKPOINTS = {
     "truncated": (_truncated, r"w.pth: not a readable checkpoint, truncated or corrupt \(\w+Error"),
     "corrupt": (_corrupt, r"w.safetensors: not a readable checkpoint, truncated or corrupt \(SafetensorError: "),
-    "other-architecture": (_other_architecture, r"w.pth does not fit test_resnet: .* a checkpoint for another arch"),
-    "missing-keys": (_missing_keys, r"w.pth does not fit test_resnet: \d+ missing keys \(layer2.0.conv1.weight, "
+    "other-architecture": (_other_architecture, r"w.pth does not fit resnet10t: .* a checkpoint for another arch"),
+    "missing-keys": (_missing_keys, r"w.pth does not fit resnet10t: \d+ missing keys \(layer2.0.conv1.weight, "
                                     r"layer2.0.bn1.weight, layer2.0.bn1.bias and \d+ more\)$"),
-    "unexpected-keys": (_unexpected_keys, r"w.pth does not fit test_resnet: 2 unexpected keys \(aux.weight, "
+    "unexpected-keys": (_unexpected_keys, r"w.pth does not fit resnet10t: 2 unexpected keys \(aux.weight, "
                                           r"aux.bias\)$"),
-    "shape-mismatch": (_shape_mismatch, r"w.pth does not fit test_resnet: 2 shape mismatches \(fc.weight: file "
-                                        r"\(7, 96\), model \(10, 96\), fc.bias: file \(7,\), model \(10,\)\); only "
+    "shape-mismatch": (_shape_mismatch, r"w.pth does not fit resnet10t: 2 shape mismatches \(fc.weight: file "
+                                        r"\(7, 512\), model \(10, 512\), fc.bias: file \(7,\), model \(10,\)\); only "
                                         r"the classifier differs: the file has 7 classes \(--num-classes 7\)$"),
 }
 
@@ -273,10 +273,11 @@ def test_bad_checkpoint_is_one_line_exit_2(tmp_path, original, capsys, case):
 
 
 def test_unknown_model_name_suggests_timm_names(tmp_path, capsys):
-    code, _, stderr = run_main(capsys, "convert", "resnt18", "-o", tmp_path / "out")
+    # resnt50: the same five suggestions in every timm version (resnt18's fifth differs: resnet61q on timm 1.0.9)
+    code, _, stderr = run_main(capsys, "convert", "resnt50", "-o", tmp_path / "out")
     assert code == 2
-    assert error_lines(stderr) == ["error: unknown timm model 'resnt18'; did you mean resnet18, resnet18d, "
-                                   "skresnet18, seresnet18, resnetv2_18?"]
+    assert error_lines(stderr) == ["error: unknown timm model 'resnt50'; did you mean resnet50, resnet50t, "
+                                   "resnet50s, resnet50d, resnet50c?"]
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):

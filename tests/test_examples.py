@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_example(script: str, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # the repository first, then the caller's path (which may name the timm under test)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -30,7 +32,7 @@ def test_checkpoint_finetune_export(tmp_path: Path) -> None:
     out = run_example("checkpoint_finetune_export.py", "--tiny", "--work", str(tmp_path))
     for command in ("icrewrite convert", "icrewrite finetune", "icrewrite export"):
         assert command in out
-    assert {"weights.pth", "test_resnet_ic.safetensors", "test_resnet_ic.onnx", "run"} <= {
+    assert {"weights.pth", "resnet10t_ic.safetensors", "resnet10t_ic.onnx", "run"} <= {
         p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "run" / "best.safetensors").is_file()
 

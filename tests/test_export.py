@@ -306,9 +306,9 @@ def parse_export_command(argv: list[str]) -> argparse.Namespace:
 
 
 def test_cli_exports_a_saved_converted_model(tmp_path, capsys):
-    checkpoint = tmp_path / "test_resnet_ic.safetensors"
-    icrewrite.save(converted("test_resnet"), checkpoint)
-    output = tmp_path / "test_resnet_ic.onnx"
+    checkpoint = tmp_path / "resnet10t_ic.safetensors"
+    icrewrite.save(converted("resnet10t"), checkpoint)
+    output = tmp_path / "resnet10t_ic.onnx"
     args = parse_export_command([str(checkpoint), "-o", str(output), "--input-size", "3", "32", "32",
                                  "--exporter", "torchscript", "--static-batch"])
     assert args.func(args) == 0

@@ -139,7 +139,7 @@ def test_nonzero_ic_mean_lowers_the_correlation_ratio_as_predicted():
 @pytest.fixture(scope="module")
 def original() -> nn.Module:
     torch.manual_seed(0)
-    return randomize_norms(timm.create_model("test_resnet", num_classes=10), seed=1).eval()
+    return randomize_norms(timm.create_model("resnet10t", num_classes=10), seed=1).eval()
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_empty_loader_is_a_clear_error(converted):
 def test_cli_prints_the_table_and_writes_the_png(tmp_path):
     png = tmp_path / "stats.png"
     result = subprocess.run(
-        [sys.executable, "-m", "icrewrite.cli", "stats", "test_resnet", "--num-classes", "10", "--data", "digits",
+        [sys.executable, "-m", "icrewrite.cli", "stats", "resnet10t", "--num-classes", "10", "--data", "digits",
          "--img-size", "32", "--batches", "1", "--compare-original", "--png", str(png)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -62,7 +62,7 @@ def torchvision_vit() -> nn.Module:
 
 # name -> (builder, input side, the edit kind or statistics source the model exercises)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "test_resnet": (lambda: timm.create_model("test_resnet", num_classes=10), 32),
+    "resnet10t": (lambda: timm.create_model("resnet10t", num_classes=10), 32),
     "test_efficientnet": (lambda: timm.create_model("test_efficientnet", num_classes=10), 32),  # BatchNormAct2d
     "test_vit": (lambda: timm.create_model("test_vit", num_classes=10), 160),
     "eva02": (lambda: timm_small("eva02_tiny_patch14_224", 28, depth=2), 28),  # qkv_bias_separate reroute
@@ -71,9 +71,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "activations": (Activations, 16),  # every form of activation statistics
 }
 CASES = {**{name: (name, {}) for name in MODELS},
-         "test_resnet-ic-conv-relu": ("test_resnet", {"layout": "ic-conv-relu", "init": "fresh"}),
-         "test_resnet-conv-relu-ic": ("test_resnet", {"layout": "conv-relu-ic", "init": "fresh"}),
-         "test_resnet-options": ("test_resnet", {"p": 0.1, "exclude": ["layer1.*"], "head": False})}
+         "resnet10t-ic-conv-relu": ("resnet10t", {"layout": "ic-conv-relu", "init": "fresh"}),
+         "resnet10t-conv-relu-ic": ("resnet10t", {"layout": "conv-relu-ic", "init": "fresh"}),
+         "resnet10t-options": ("resnet10t", {"p": 0.1, "exclude": ["layer1.*"], "head": False})}
 
 
 def build(name: str) -> nn.Module:
@@ -127,7 +127,7 @@ def test_the_models_exercise_every_kind_of_edit_and_statistics():
         "icrewrite.layers.attention:RoutedShiftedWindowAttention"}
     assert {(e.routed_class, e.features) for e in routes["torchvision-vit"]} == {
         ("icrewrite.layers.attention:RoutedMultiheadAttention", 32)}
-    layouts = icrewrite.plan(build("test_resnet"), layout="conv-relu-ic", init="fresh")
+    layouts = icrewrite.plan(build("resnet10t"), layout="conv-relu-ic", init="fresh")
     assert {"move-act", "insert-ic-after"} <= {e.action for e in layouts.edits}
 
 
@@ -200,7 +200,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_from_dict_refuses_other_versions_and_malformed_dicts_in_one_line(case):
-    data = icrewrite.plan(build("test_resnet")).to_dict()
+    data = icrewrite.plan(build("resnet10t")).to_dict()
     for edit in data["edits"]:  # one insert-ic edit with statistics comes first, so changes to it show
         if edit["action"] == "insert-ic" and edit["statistics"]:
             data["edits"].remove(edit)
@@ -220,8 +220,8 @@ def test_from_dict_refuses_what_is_not_an_object():
 
 
 def test_a_plan_for_another_model_is_refused():
-    the_plan = through_json(icrewrite.plan(build("test_resnet")))
-    with pytest.raises(ConversionError, match="plan was made for test_resnet .* parameters, not this model"):
+    the_plan = through_json(icrewrite.plan(build("resnet10t")))
+    with pytest.raises(ConversionError, match="plan was made for resnet10t .* parameters, not this model"):
         icrewrite.convert(build("test_efficientnet"), plan=the_plan)
 
 

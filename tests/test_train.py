@@ -178,7 +178,7 @@ def test_cli_finetune_converts_trains_and_refuses_to_overwrite(tmp_path: Path,
     from icrewrite.layers import ICWeightLayer
 
     out = tmp_path / "run"
-    command = ["finetune", "test_resnet", "--convert", "--init", "fresh", "--data", "digits", "--img-size", "16",
+    command = ["finetune", "resnet10t", "--convert", "--init", "fresh", "--data", "digits", "--img-size", "16",
                "--batch-size", "128", "--epochs", "1", "--no-progress", "-o", str(out)]
     assert main(command) == 0
     assert "best:  val acc" in capsys.readouterr().out

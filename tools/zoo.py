@@ -88,11 +88,17 @@ def build(entry: Entry, **kwargs: Any) -> nn.Module:
 
 def build_on_meta(entry: Entry) -> tuple[nn.Module, str]:
     """The model on ``meta``, or on the CPU for the few builders that compute their
-    configuration with tensors (torchvision's RegNets call ``.tolist()``); and that device."""
+    configuration with tensors (torchvision's RegNets call ``.tolist()``; in timm up to
+    1.0.20 at least, ConViT, CrossViT, Hiera and others take their drop-path rates from
+    ``torch.linspace(...)`` with ``.item()``); and that device."""
     try:
         with torch.device("meta"):
             return build(entry), "meta"
     except NotImplementedError:  # "Cannot copy out of meta tensor"
+        return build(entry), "cpu"
+    except RuntimeError as err:  # "Tensor.item() cannot be called on meta tensors"
+        if "meta" not in str(err):
+            raise
         return build(entry), "cpu"
 
 

@@ -20,7 +20,6 @@ import torch.fx as fx
 from torch import nn
 
 from ..compat import get_notrace_functions, is_notrace_module
-
 from ..layers import IC, ICWeightLayer
 from ..registry import is_activation_module, is_batchnorm, is_passthrough_module, is_weight_layer
 
