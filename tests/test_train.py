@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import icrewrite
+from icrewrite.checkpoint import create_timm_model
 from icrewrite.train.data import digits_loaders
 from icrewrite.train.loop import STATE_FILE, LossNotFinite, TrainingError, finetune
 
@@ -27,6 +27,7 @@ import os, sys, time
 import timm, torch
 from torch.utils.data import DataLoader, Dataset, Subset
 import icrewrite
+from icrewrite.checkpoint import create_timm_model
 from icrewrite.train.data import DigitsDataset
 from icrewrite.train import finetune
 
@@ -38,7 +39,7 @@ class Slowed(Dataset):  # gives the test time to kill the run mid-epoch
 torch.set_num_threads(1)
 out, mode = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
-model = timm.create_model("resnet18", channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+model = create_timm_model("resnet18", channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # records them
 model = icrewrite.convert(model, init="fresh", p=0.1)  # dropout: resuming must restore the RNG too
 train = DataLoader(Slowed(Subset(DigitsDataset("train", 16), range(384))), batch_size=32, drop_last=True)
 val = DataLoader(Subset(DigitsDataset("test", 16), range(128)), batch_size=128)
@@ -59,7 +60,7 @@ def one_thread() -> Iterator[None]:
 
 def _tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("resnet18", **TINY)
+    return create_timm_model("resnet18", **TINY)  # records its arguments for the checkpoints, on every timm
 
 
 @pytest.fixture(scope="module")
