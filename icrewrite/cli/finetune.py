@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from .. import convert
 from ..rewrite import options_of
 from ..train.data import DIGITS, make_loader, num_classes
 from ..train import FinetuneConfig, FinetuneResult, finetune
+from ..train.loop import is_primary
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
 
 DIGITS_IMG_SIZE = 32
@@ -120,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             progress("the model is already an IC network; --convert changes nothing")
     result = finetune(model, *loaders, args.out, _config(args))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_primary():
         print(_summary(result))
     return 0
