@@ -191,23 +191,30 @@ class Comparison:
                          f"{s.against_baseline['final test accuracy (points)'].explain()}"
                 for variant, s in self.summaries().items() if variant != BASELINE}
 
+    def table(self) -> str:
+        """Per variant, its figures over seeds: a Markdown table."""
+        n = self.seeds
+        lines = [f"| variant | final test acc (%) | best test acc (%) | final test loss | epochs to {self.target:g}% "
+                 "| step time / baseline |", "|---|---|---|---|---|---|"]
+        for variant, s in self.summaries().items():
+            epochs = (f"{s.epochs_to_target.format(1)} ({s.reached}/{n} runs)" if s.epochs_to_target
+                      else f"never (0/{n} runs)")
+            ratio = "1 (reference)" if variant == BASELINE else s.step_ratio.format()
+            lines.append(f"| {variant} | {s.final_acc.format()} | {s.best_acc.format()} | "
+                         f"{s.final_loss.format(4)} | {epochs} | {ratio} |")
+        return "\n".join(lines)
+
     def report(self) -> str:
         """The Markdown of ``report.md``."""
         summaries, n = self.summaries(), self.seeds
         lines = [f"# {self.settings['title']}", "", self.settings["description"], "",
                  f"{n} seed(s) per variant, paired: per seed every variant starts from the same initial weights "
                  f"and sees the same data order and augmentation. Figures are means over seeds with their "
-                 f"{CONFIDENCE:.0%} t-interval [low, high]. Step time is the median, over "
+                 f"{CONFIDENCE:.0%} t-interval [low, high]. Step time / baseline: per seed, the median over "
                  f"{self.settings['timing_rounds']} interleaved rounds (every variant one step on the same batch "
-                 "per round), of the variant's step time over the baseline's in the same round.", "",
-                 f"| variant | final test acc (%) | best test acc (%) | final test loss | epochs to "
-                 f"{self.target:g}% | step time / baseline |", "|---|---|---|---|---|---|"]
-        for variant, s in summaries.items():
-            epochs = (f"{s.epochs_to_target.format(1)} ({s.reached}/{n} runs)" if s.epochs_to_target
-                      else f"never (0/{n} runs)")
-            ratio = "1 (reference)" if variant == BASELINE else s.step_ratio.format()
-            lines.append(f"| {variant} | {s.final_acc.format()} | {s.best_acc.format()} | "
-                         f"{s.final_loss.format(4)} | {epochs} | {ratio} |")
+                 "per round) of the variant's step time over the baseline's in the same round; then its mean "
+                 "and interval over seeds.", "",
+                 self.table()]
         metrics = list(self._per_seed(BASELINE))
         lines += ["", f"Against the baseline: the paired difference (variant minus baseline, per seed), its "
                       f"{CONFIDENCE:.0%} t-interval and the verdict (better or worse only when the interval "
