@@ -26,6 +26,7 @@ from pathlib import Path
 import timm
 import torch
 
+from icrewrite.checkpoint import create_timm_model
 from icrewrite.files import atomic_path
 from icrewrite.rewrite import LAYOUTS
 from icrewrite.train.compare import BASELINE, compare
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} torch thread(s). {len(test.dataset)} test images: one image is "
         f"{100 / len(test.dataset):.2f} accuracy points.")
     started = time.perf_counter()
-    comparison = compare(lambda: timm.create_model(args.model, num_classes=classes, **MODEL_ARGS), train, test, runs,
+    comparison = compare(lambda: create_timm_model(args.model, num_classes=classes, **MODEL_ARGS), train, test, runs,
                          variants=variants(args.p, args.layouts), seeds=args.seeds, target=args.target,
                          resume=True, title="Baseline vs IC, reproduced at small scale", description=description,
                          log=lambda line: print(line, file=sys.stderr, flush=True), epochs=args.epochs, lr=args.lr,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,9 +47,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.compare import compare, parse_variants  # heavy: loaded only when the command runs
+    from ..train.compare import check_out_dir, compare, parse_variants  # heavy: loaded only when the command runs
 
-    parse_variants(args.variants)  # a bad spec is an error before any model is loaded
+    parse_variants(args.variants)  # a bad spec or a folder in use is an error before any model is loaded
+    check_out_dir(Path(args.out), args.resume)
     torch.manual_seed(0)
     loaders = loaders_from_args(args, model_from_args(args))
     classes = num_classes(loaders[0].dataset)

@@ -46,7 +46,7 @@ from .loop import finetune, is_primary, time_steps
 from .plot import plot_mean_std
 from .significance import CONFIDENCE, Difference, Interval, epochs_to, median_ratio, paired_difference, t_interval
 
-__all__ = ["BASELINE", "Comparison", "ComparisonError", "Variant", "compare", "parse_variants"]
+__all__ = ["BASELINE", "Comparison", "ComparisonError", "Variant", "check_out_dir", "compare", "parse_variants"]
 
 BASELINE = "baseline"
 IC_VARIANT = "ic"
@@ -120,10 +120,14 @@ def parse_variant(spec: str) -> Variant:
 
 def parse_variants(specs: str | Sequence[str]) -> list[Variant]:
     """Variants from a list of specs or from one string such as ``"baseline,ic,ic:p=0.1,layout=ic-conv-relu"``
-    (the CLI's ``--variants``): it is split before each ``baseline`` or ``ic`` item, so that an item's
-    own ``KEY=VALUE,...`` list keeps its commas. The baseline must be among them; it goes first."""
+    (the CLI's ``--variants``): a ``KEY=VALUE`` item after an ``ic:...`` one continues it. The
+    baseline must be among them; it goes first."""
     if isinstance(specs, str):
-        specs = re.split(r",(?=\s*(?:baseline|ic)(?:$|[:,]))", specs)
+        items: list[str] = []
+        for item in specs.split(","):
+            continues = "=" in item and ":" not in item and items and items[-1].startswith(f"{IC_VARIANT}:")
+            items[-1:] = [f"{items[-1]},{item}"] if continues else [*items[-1:], item]
+        specs = items
     variants = [parse_variant(spec) for spec in specs]
     names = [v.spec for v in variants]
     if BASELINE not in names:
@@ -258,6 +262,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse a folder in use unless the comparison in it is resumed."""
+    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise ComparisonError(f"{out_dir} is not empty; resume the comparison in it or choose another output folder")
+
+
 def _step_seconds(models: dict[str, nn.Module], train_loader: DataLoader, path: Path, rounds: int, resume: bool,
                   options: dict[str, Any]) -> dict[str, list[float]]:
     """The timing rounds of one seed: read back from ``path`` on resume, else measured (and saved)."""
@@ -303,8 +313,7 @@ def compare(
     if "seed" in finetune_options or "resume" in finetune_options:
         raise ComparisonError("compare sets each run's seed and resume itself; pass seeds= and resume=")
     out_dir = Path(out_dir)
-    if not resume and out_dir.exists() and any(out_dir.iterdir()):
-        raise ComparisonError(f"{out_dir} is not empty; resume the comparison in it or choose another output folder")
+    check_out_dir(out_dir, resume)
     started = time.perf_counter()
     histories: dict[str, list[History]] = {v.spec: [] for v in parsed}
     step_seconds: dict[str, list[list[float]]] = {v.spec: [] for v in parsed}

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
-
-from ..checkpoint import load
+from ..checkpoint import create_timm_model, load
 from ..deploy import ExportReport, export_onnx
 from .compare import Comparison, Log, compare
 from .data import digits_loaders
@@ -57,7 +55,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = FULL, *, progress:
     size = f"{config.img_size}x{config.img_size}"
     log(f"{config.model} and its IC version, {config.seeds} seeds of {config.epochs} epoch(s) on digits at {size}")
     comparison = compare(
-        lambda: timm.create_model(config.model, num_classes=10, **config.model_args), train, test, out_dir,
+        lambda: create_timm_model(config.model, num_classes=10, **config.model_args), train, test, out_dir,
         variants=config.variants, seeds=config.seeds, timing_rounds=config.timing_rounds,
         title="icrewrite demo: baseline vs IC on digits",
         description=f"{config.model} {config.model_args} from scratch on digits at {size}, {config.epochs} epochs, "

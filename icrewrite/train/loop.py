@@ -12,6 +12,9 @@
   accuracy and at the end of the last epoch, in icrewrite's checkpoint format.
 - ``metrics.jsonl`` (one record per epoch) and ``metrics.png`` (loss and accuracy).
 
+``time_steps(models, train_loader, ...)`` times the same training step for several models
+interleaved, round by round on the same batches (what ``compare`` reports as step time).
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with
 DistributedDataParallel (NCCL on GPU, Gloo on CPU); each rank reads its own shard,
 and only rank 0 logs and writes files.
