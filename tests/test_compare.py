@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,6 @@ from icrewrite.train.significance import (epochs_to, median_ratio, paired_differ
 from test_data import write_digits_folder
 
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- statistics ---------------------------------------------------------------------------------
