@@ -4,6 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +258,22 @@ def test_cli_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main([*command, "--resume"]) == 0  # every run finished: read back
     assert main([*command[:-2], "--variants", "baseline,ic:p=2", "-o", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: variant 'ic:p=2': ")
+
+
+@pytest.mark.slow
+def test_cli_compare_under_torchrun_two_gloo_ranks(tmp_path: Path) -> None:
+    """Every run of the comparison trains on both ranks in one process group; rank 0 alone reports."""
+    model = tmp_path / "tiny.safetensors"
+    icrewrite.save(_build(), model)
+    out = tmp_path / "cmp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "icrewrite.cli", "compare", str(model), "--data", "digits", "--img-size", "16", "--epochs", "1",
+               "--seeds", "2", "--timing-rounds", "2", "--variants", "baseline,ic:p=0.1", "--no-progress",
+               "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ic:p=0.1 against baseline") == 1
+    summary = json.loads((out / "compare.json").read_text())
+    assert [len(h) for h in summary["runs"]["baseline"]] == [1, 1]
+    assert json.loads((out / "seed-0" / "baseline" / "metrics.jsonl").read_text())["epoch"] == 1

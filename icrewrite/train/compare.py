@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from ..errors import ICRewriteError
 from ..files import atomic_path
 from ..rewrite import Options, convert
-from .loop import finetune, is_primary, time_steps
+from .loop import finetune, is_primary, joined_world, time_steps
 from .plot import plot_mean_std
 from .significance import CONFIDENCE, Difference, Interval, epochs_to, median_ratio, paired_difference, t_interval
 
@@ -262,6 +262,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _quiet(_: str) -> None:
+    """The log of every process but the first under torchrun."""
+
+
 def check_out_dir(out_dir: Path, resume: bool) -> None:
     """Refuse a folder in use unless the comparison in it is resumed."""
     if not resume and out_dir.exists() and any(out_dir.iterdir()):
@@ -314,25 +318,28 @@ def compare(
         raise ComparisonError("compare sets each run's seed and resume itself; pass seeds= and resume=")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
-    started = time.perf_counter()
-    histories: dict[str, list[History]] = {v.spec: [] for v in parsed}
-    step_seconds: dict[str, list[list[float]]] = {v.spec: [] for v in parsed}
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        base = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
-        models = {v.spec: v.build(base) for v in parsed}
-        seed_dir = out_dir / f"seed-{seed}"
-        log(f"seed {seed + 1}/{seeds}: timing {len(models)} variants, {timing_rounds} interleaved rounds")
-        for spec, seconds in _step_seconds(models, train_loader, seed_dir / TIMING_FILE, timing_rounds, resume,
-                                           {**finetune_options, "seed": seed}).items():
-            step_seconds[spec].append(seconds)
-        for variant in parsed:
-            log(f"seed {seed + 1}/{seeds}: training {variant.spec}")
-            result = finetune(models[variant.spec], train_loader, val_loader, seed_dir / variant.folder,
-                              seed=seed, resume=resume, **finetune_options)
-            histories[variant.spec].append(result.history)
-            log(f"seed {seed + 1}/{seeds}: {variant.spec} final test accuracy {result.final['val_acc']:.2f}%, "
-                f"best {result.best_acc:.2f}%")
+    if not is_primary():
+        log = _quiet
+    with joined_world(finetune_options.get("device")):
+        started = time.perf_counter()
+        histories: dict[str, list[History]] = {v.spec: [] for v in parsed}
+        step_seconds: dict[str, list[list[float]]] = {v.spec: [] for v in parsed}
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            base = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
+            models = {v.spec: v.build(base) for v in parsed}
+            seed_dir = out_dir / f"seed-{seed}"
+            log(f"seed {seed + 1}/{seeds}: timing {len(models)} variants, {timing_rounds} interleaved rounds")
+            for spec, seconds in _step_seconds(models, train_loader, seed_dir / TIMING_FILE, timing_rounds, resume,
+                                               {**finetune_options, "seed": seed}).items():
+                step_seconds[spec].append(seconds)
+            for variant in parsed:
+                log(f"seed {seed + 1}/{seeds}: training {variant.spec}")
+                result = finetune(models[variant.spec], train_loader, val_loader, seed_dir / variant.folder,
+                                  seed=seed, resume=resume, **finetune_options)
+                histories[variant.spec].append(result.history)
+                log(f"seed {seed + 1}/{seeds}: {variant.spec} final test accuracy {result.final['val_acc']:.2f}%, "
+                    f"best {result.best_acc:.2f}%")
     settings = {"title": title, "description": description, "seeds": seeds, "timing_rounds": timing_rounds,
                 "finetune": {k: v for k, v in finetune_options.items() if k != "progress"},
                 "torch": torch.__version__, "timm": timm.__version__, "machine": platform.machine(),

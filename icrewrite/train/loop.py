@@ -54,7 +54,7 @@ from ..files import atomic_path
 from .data import resumable_loader
 from .plot import plot_history
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "time_steps"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "joined_world", "time_steps"]
 
 STATE_FILE = "last.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -141,9 +141,11 @@ def is_primary() -> bool:
 
 
 @contextlib.contextmanager
-def _joined_world(requested_device: str | None) -> Iterator[World]:
+def joined_world(requested_device: str | None) -> Iterator[World]:
     """Join the process group ``torchrun`` describes, if any, for the block; leave it after
-    if the block created it."""
+    if the block created it. Work that trains several times in one process (``compare``)
+    holds it around all of them: a group destroyed and created again does not rendezvous
+    through the same store."""
     if not is_distributed_env():
         yield World()
         return
@@ -455,7 +457,7 @@ def finetune(
     state_path = out_dir / STATE_FILE
     if state_path.exists() and not config.resume:
         raise TrainingError(f"{out_dir} already holds a run ({STATE_FILE}); resume it or choose another output folder")
-    with _joined_world(config.device) as world:
+    with joined_world(config.device) as world:
         run = None
         try:
             device = _device(config.device, world)
@@ -495,7 +497,7 @@ def time_steps(models: Mapping[str, nn.Module], train_loader: DataLoader, config
     ``{name: [seconds of round 1, ...]}``.
     """
     config = dataclasses.replace(config or FinetuneConfig(), **options)
-    with _joined_world(config.device) as world:
+    with joined_world(config.device) as world:
         device = _device(config.device, world)
         random_seed(config.seed, world.rank)
         runs = {name: _Run(copy.deepcopy(model), train_loader, train_loader, Path(), config, world, device)
