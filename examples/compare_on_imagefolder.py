@@ -1,11 +1,12 @@
 """Does IC help on your data? Train a timm model and its IC version on your ImageFolder.
 
 DIR holds one sub-folder of images per class, either directly (a fixed 80/20 split is
-made) or under train/ and val/. Both models start from the same weights and see the same
-batches; the script prints a table and writes OUT/comparison.png.
+made) or under train/ and val/. Per seed both models start from the same weights and see
+the same batches; the script prints the table with 95% intervals over seeds and the
+verdict, and writes OUT/report.md, OUT/compare.json and OUT/compare.png.
 
     python examples/compare_on_imagefolder.py ~/data/flowers --model resnet18 --epochs 10
-    python examples/compare_on_imagefolder.py DIR --tiny    # a tiny ResNet at 16x16, one epoch
+    python examples/compare_on_imagefolder.py DIR --tiny    # a tiny ResNet at 16x16, 2 seeds of one epoch
 """
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import tempfile
 from pathlib import Path
 
 import timm
-import torch
 
 from icrewrite.train.data import make_loader, num_classes
-from icrewrite.train.demo import compare
+from icrewrite.train.compare import compare
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,20 +29,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--p", type=float, default=0.05, help="dropout probability of the IC blocks")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
     parser.add_argument("--out", type=Path, help="output folder (default: a new temporary folder)")
-    parser.add_argument("--tiny", action="store_true", help="timm's resnet10t at 16x16 for one epoch")
+    parser.add_argument("--tiny", action="store_true", help="timm's resnet10t at 16x16, 2 seeds of one epoch")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.model, args.img_size, args.epochs = "resnet10t", 16, 1
+        args.model, args.img_size, args.epochs, args.seeds = "resnet10t", 16, 1, 2
     out = args.out or Path(tempfile.mkdtemp(prefix="icrewrite-compare-"))
 
     train = make_loader(args.data, "train", args.batch_size, args.img_size)
     val = make_loader(args.data, "validation", args.batch_size, args.img_size)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=num_classes(train.dataset))
-    comparison = compare(model, train, val, out, p=args.p, epochs=args.epochs, lr=args.lr, progress=False)
+    classes = num_classes(train.dataset)
+    comparison = compare(lambda: timm.create_model(args.model, num_classes=classes), train, val, out,
+                         variants=["baseline", f"ic:p={args.p}"], seeds=args.seeds, epochs=args.epochs, lr=args.lr,
+                         progress=False)
     print(comparison.table())
-    print(f"plot: {comparison.plot}")
+    print("\n".join(comparison.verdicts().values()))
+    print(f"report: {out / 'report.md'}")
 
 
 if __name__ == "__main__":

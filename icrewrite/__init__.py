@@ -31,6 +31,7 @@ _LAZY = {
     "export_onnx": "deploy",
     "ExportReport": "deploy",
     "finetune": "train",
+    "compare": "train.compare",
     "stats": "independence",
     "StatsReport": "independence",
 }

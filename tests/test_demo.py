@@ -1,4 +1,4 @@
-"""``icrewrite demo --quick`` end to end, and the side-by-side comparison it is built on."""
+"""``icrewrite demo --quick`` end to end: a comparison over seeds, its verdict and the ONNX export."""
 from __future__ import annotations
 
 import os
@@ -25,13 +25,16 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "icrewrite.cli", "demo", "--quick", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.strip()}
-    assert {"original", "IC"} <= rows.keys()
-    assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["baseline", "ic"]
+    verdict = next(line for line in done.stdout.splitlines() if line.startswith("ic against baseline"))
+    assert any(word in verdict for word in (": better", ": worse", ": not resolved at 2 seeds"))
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert "| ic |" in (tmp_path / "report.md").read_text()
 
-    # The two runs trained different networks: the IC one has an IC block before its weight layers.
-    original = icrewrite.load(tmp_path / "original" / "last.safetensors")
-    ic = icrewrite.load(tmp_path / "ic" / "last.safetensors")
+    # The two variants trained different networks: the IC one has an IC block before its weight layers.
+    original = icrewrite.load(tmp_path / "seed-0" / "baseline" / "last.safetensors")
+    ic = icrewrite.load(tmp_path / "seed-0" / "ic" / "last.safetensors")
     assert not any(isinstance(m, ICWeightLayer) for m in original.modules())
     assert any(isinstance(m, ICWeightLayer) for m in ic.modules())
 

@@ -41,9 +41,11 @@ def test_compare_on_imagefolder(tmp_path: Path) -> None:
     data = write_digits_folder(tmp_path / "images", per_class=12, classes=3)
     out = run_example("compare_on_imagefolder.py", str(data), "--tiny", "--batch-size", "4", "--out",
                       str(tmp_path / "out"))
-    rows = [line.split()[0] for line in out.splitlines()]
-    assert "original" in rows and "IC" in rows
-    assert (tmp_path / "out" / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["baseline", "ic:p=0.05"]
+    assert "ic:p=0.05 against baseline, final test accuracy (points): " in out
+    assert (tmp_path / "out" / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "out" / "report.md").is_file()
 
 
 def test_register_custom_layers() -> None:

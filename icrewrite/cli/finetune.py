@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .. import convert
 from ..rewrite import options_of
 from ..train.data import DIGITS, make_loader, num_classes
 from ..train import FinetuneConfig, FinetuneResult, finetune
+from ..train.loop import is_primary
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
 
 DIGITS_IMG_SIZE = 32
@@ -37,6 +38,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT (a fresh start if it has none)")
     parser.add_argument("--convert", action="store_true",
                         help="convert MODEL into an IC network first (with the conversion options below)")
+    training = add_training_arguments(parser)
+    training.add_argument("--seed", type=int, default=FinetuneConfig.seed, metavar="N",
+                          help="seed of new weights, data order, augmentation and dropout (default 0)")
+    add_conversion_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The data and training options of a ``finetune`` run (see ``loaders_from_args``, ``config_from_args``);
+    returns the training group, for a command's own additions."""
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=DIGITS, metavar="DATA",
                       help="'digits' (embedded, default), an ImageFolder directory (with train/ and val/ "
@@ -65,17 +76,14 @@ def register(subparsers: Any) -> None:
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     train.add_argument("--compile", action="store_true", help="train through torch.compile")
     train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA, torchrun)")
-    train.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
-                       help="seed of new weights, data order, augmentation and dropout (default 0)")
     train.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval, metavar="STEPS",
                        help=f"write last.pt every STEPS steps and after each epoch (default "
                             f"{defaults.checkpoint_interval}); a killed run loses at most that much")
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    add_conversion_arguments(parser)
-    parser.set_defaults(func=run)
+    return train
 
 
-def _with_classes(model: nn.Module, classes: int) -> nn.Module:
+def with_classes(model: nn.Module, classes: int) -> nn.Module:
     """``model`` with a ``classes``-way classifier (timm's ``reset_classifier`` when it differs)."""
     if getattr(model, "num_classes", classes) != classes:
         progress(f"new {classes}-class classifier (the model has {model.num_classes}; pass --num-classes to create "
@@ -84,12 +92,25 @@ def _with_classes(model: nn.Module, classes: int) -> nn.Module:
     return model
 
 
-def _config(args: argparse.Namespace) -> FinetuneConfig:
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The ``FinetuneConfig`` that ``add_training_arguments`` options (and ``--seed``, ``--resume``) describe."""
     return FinetuneConfig(
         epochs=args.epochs, lr=args.lr, opt=args.opt, weight_decay=args.weight_decay, sched=args.sched,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, clip_grad=args.clip_grad,
         ema=args.ema, ema_decay=args.ema_decay, device=args.device, compile=args.compile, sync_bn=args.sync_bn,
-        seed=args.seed, checkpoint_interval=args.checkpoint_interval, resume=args.resume, progress=args.progress)
+        seed=getattr(args, "seed", FinetuneConfig.seed), checkpoint_interval=args.checkpoint_interval,
+        resume=args.resume, progress=args.progress)
+
+
+def loaders_from_args(args: argparse.Namespace, model: nn.Module) -> list[DataLoader]:
+    """``[train, validation]`` loaders of ``--data`` at ``--img-size`` (default: what the model expects)."""
+    data_config = resolve_model_data_config(model)
+    img_size = args.img_size or (DIGITS_IMG_SIZE if args.data == DIGITS else data_config["input_size"][-1])
+    progress(f"reading {args.data} at {img_size}x{img_size}")
+    workers = args.workers if args.workers is not None else (0 if args.data == DIGITS else 4)
+    return [make_loader(args.data, split, args.batch_size, img_size, num_workers=workers,
+                        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+            for split in ("train", "validation")]
 
 
 def _summary(result: FinetuneResult) -> str:
@@ -105,21 +126,15 @@ def _summary(result: FinetuneResult) -> str:
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # initial weights of anything new: a classifier, IC blocks
     model = model_from_args(args)
-    data_config = resolve_model_data_config(model)
-    img_size = args.img_size or (DIGITS_IMG_SIZE if args.data == DIGITS else data_config["input_size"][-1])
-    progress(f"reading {args.data} at {img_size}x{img_size}")
-    workers = args.workers if args.workers is not None else (0 if args.data == DIGITS else 4)
-    loaders = [make_loader(args.data, split, args.batch_size, img_size, num_workers=workers,
-                           mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
-               for split in ("train", "validation")]
-    model = _with_classes(model, num_classes(loaders[0].dataset))
+    loaders = loaders_from_args(args, model)
+    model = with_classes(model, num_classes(loaders[0].dataset))
     if args.convert:
         if options_of(model) is None:
             progress("converting to an IC network")
             model = convert(model, inplace=True, **conversion_options(args))
         else:
             progress("the model is already an IC network; --convert changes nothing")
-    result = finetune(model, *loaders, args.out, _config(args))
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = finetune(model, *loaders, args.out, config_from_args(args))
+    if is_primary():
         print(_summary(result))
     return 0

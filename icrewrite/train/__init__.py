@@ -1,5 +1,6 @@
 """Fine-tuning (``loop``: one process or torchrun + DDP, resumable), data loaders (``data``),
-training curves (``plot``) and the demo (``demo``). Needs ``pip install 'icrewrite[train]'``
+training curves (``plot``), seeded paired comparisons of variants (``compare``, with the
+statistics in ``significance``) and the demo (``demo``). Needs ``pip install 'icrewrite[train]'``
 for the plots and the bundled digits data."""
 from __future__ import annotations
 

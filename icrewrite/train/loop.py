@@ -12,18 +12,24 @@
   accuracy and at the end of the last epoch, in icrewrite's checkpoint format.
 - ``metrics.jsonl`` (one record per epoch) and ``metrics.png`` (loss and accuracy).
 
+``time_steps(models, train_loader, ...)`` times the same training step for several models
+interleaved, round by round on the same batches (what ``compare`` reports as step time).
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with
 DistributedDataParallel (NCCL on GPU, Gloo on CPU); each rank reads its own shard,
 and only rank 0 logs and writes files.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import itertools
 import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +54,7 @@ from ..files import atomic_path
 from .data import resumable_loader
 from .plot import plot_history
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "joined_world", "time_steps"]
 
 STATE_FILE = "last.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -129,15 +135,30 @@ class World:
         return self.size > 1
 
 
-def _join_world(device_type: str) -> tuple[World, bool]:
-    """Join the process group ``torchrun`` describes, if any; returns ``(world, created)``."""
+def is_primary() -> bool:
+    """True in the process that logs and writes files: the only one, or rank 0 under torchrun."""
+    return not is_distributed_env() or world_info_from_env()[1] == 0
+
+
+@contextlib.contextmanager
+def joined_world(requested_device: str | None) -> Iterator[World]:
+    """Join the process group ``torchrun`` describes, if any, for the block; leave it after
+    if the block created it. Work that trains several times in one process (``compare``)
+    holds it around all of them: a group destroyed and created again does not rendezvous
+    through the same store."""
     if not is_distributed_env():
-        return World(), False
+        yield World()
+        return
     local_rank, rank, size = world_info_from_env()
     created = not dist.is_initialized()
     if created:
+        device_type = torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu")).type
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return World(rank, local_rank, size), created
+    try:
+        yield World(rank, local_rank, size)
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _device(requested: str | None, world: World) -> torch.device:
@@ -281,6 +302,12 @@ class _Run:
         for images, targets in loader:
             yield (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
                    targets.to(self.device, non_blocking=True))
+
+    def endless_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches epoch after epoch, in the order of epochs 0, 1, ..."""
+        for epoch in itertools.count():
+            self.train_loader.sampler.set_epoch(epoch)
+            yield from self._batches(self.train_loader)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One optimiser step; returns the loss averaged over ranks. A non-finite loss stops
@@ -430,30 +457,63 @@ def finetune(
     state_path = out_dir / STATE_FILE
     if state_path.exists() and not config.resume:
         raise TrainingError(f"{out_dir} already holds a run ({STATE_FILE}); resume it or choose another output folder")
-    world, created = _join_world(torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu")).type)
-    run = None
-    try:
-        device = _device(config.device, world)
-        random_seed(config.seed, world.rank)
-        run = _Run(model, train_loader, val_loader, out_dir, config, world, device)
-        if config.resume and state_path.exists():
-            run.load_state_dict(_load_state(state_path))
-            if world.primary:
-                _rewrite_jsonl(out_dir / METRICS_FILE, run.history)
-                tqdm.write(f"resuming {out_dir}: {run.epoch} epoch(s) and {run.batch} batch(es) done, "
-                           f"step {run.step}")
-        elif world.primary:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / METRICS_FILE).unlink(missing_ok=True)
-        return run.run()
-    finally:
-        if created:
-            # The DistributedDataParallel wrapper goes first: its Reducer holds the process group, and
-            # the group's destructor joins Gloo's worker threads. Run from the Reducer's destructor it
-            # holds the GIL, which a worker still releasing the tensors of the last collective waits
-            # for: a deadlock (seen on torch 2.11, in about 1 of 10 two-rank runs). Dropped by
-            # destroy_process_group, the last reference is released without the GIL.
+    with joined_world(config.device) as world:
+        run = None
+        try:
+            device = _device(config.device, world)
+            random_seed(config.seed, world.rank)
+            run = _Run(model, train_loader, val_loader, out_dir, config, world, device)
+            if config.resume and state_path.exists():
+                run.load_state_dict(_load_state(state_path))
+                if world.primary:
+                    _rewrite_jsonl(out_dir / METRICS_FILE, run.history)
+                    tqdm.write(f"resuming {out_dir}: {run.epoch} epoch(s) and {run.batch} batch(es) done, "
+                               f"step {run.step}")
+            elif world.primary:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / METRICS_FILE).unlink(missing_ok=True)
+            return run.run()
+        finally:
+            # The DistributedDataParallel wrapper goes before the process group: its Reducer holds the
+            # group, and the group's destructor joins Gloo's worker threads. Run from the Reducer's
+            # destructor it holds the GIL, which a worker still releasing the tensors of the last
+            # collective waits for: a deadlock (seen on torch 2.11, in about 1 of 10 two-rank runs).
+            # Dropped here, the last reference is released without the GIL.
             if run is not None:
                 run.train_model = run.model
-            del run
-            dist.destroy_process_group()
+            run = None
+
+
+def time_steps(models: Mapping[str, nn.Module], train_loader: DataLoader, config: FinetuneConfig | None = None, *,
+               rounds: int = 20, **options: Any) -> dict[str, list[float]]:
+    """Seconds per training step of each model, measured interleaved: ``rounds`` rounds, each
+    one step of every model on the same batch, the models' order rotating from round to round.
+
+    Each model trains a copy with :func:`finetune`'s step (optimiser, schedule, autocast,
+    memory format) on its own process; load changes on a shared machine then touch every
+    model alike, which timing whole runs one after another cannot promise. One warm-up round
+    is run first and not reported. Under torchrun every rank times its own steps without
+    DistributedDataParallel (the gradient all-reduce costs every model alike). Returns
+    ``{name: [seconds of round 1, ...]}``.
+    """
+    config = dataclasses.replace(config or FinetuneConfig(), **options)
+    with joined_world(config.device) as world:
+        device = _device(config.device, world)
+        random_seed(config.seed, world.rank)
+        runs = {name: _Run(copy.deepcopy(model), train_loader, train_loader, Path(), config, world, device)
+                for name, model in models.items()}
+        for run in runs.values():
+            run.model.train()
+        batches = next(iter(runs.values())).endless_batches()
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for round_ in range(rounds + 1):
+            images, targets = next(batches)
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                started = time.perf_counter()
+                runs[name].train_step(images, targets)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if round_:
+                    seconds[name].append(time.perf_counter() - started)
+        return seconds

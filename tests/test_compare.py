@@ -1,0 +1,279 @@
+"""``icrewrite compare``: the statistics, the variant specs, pairing, resume and the command line."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch.utils.data import DataLoader, Subset
+
+import icrewrite
+import icrewrite.train.compare as compare_module
+from icrewrite.checkpoint import create_timm_model
+from icrewrite.train.compare import ComparisonError, compare, parse_variant, parse_variants
+from icrewrite.train.data import DigitsDataset
+from icrewrite.train.significance import (epochs_to, median_ratio, paired_difference, seeds_needed, t_interval)
+from test_data import write_digits_folder
+
+TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+BASE = [97.5, 98.1, 98.6, 97.2, 98.3]
+
+
+def test_a_known_difference_is_called_better_or_worse() -> None:
+    rng = np.random.default_rng(0)
+    up = [b + 1.0 + e for b, e in zip(BASE, rng.normal(0, 0.1, len(BASE)))]
+    down = [b - 1.0 + e for b, e in zip(BASE, rng.normal(0, 0.1, len(BASE)))]
+    assert paired_difference(up, BASE).verdict == "better"
+    assert paired_difference(down, BASE).verdict == "worse"
+    assert paired_difference(down, BASE, higher_is_better=False).verdict == "better"  # e.g. a loss
+    assert paired_difference(up, BASE).interval.low > 0
+
+
+def test_identical_runs_are_not_resolved() -> None:
+    difference = paired_difference(BASE, BASE)
+    assert difference.verdict == "not resolved at 5 seeds"
+    assert difference.interval.mean == difference.interval.low == difference.interval.high == 0
+    assert difference.seeds_needed is None
+    assert "no number of seeds" in difference.explain()
+
+
+def test_one_seed_is_never_resolved_and_has_no_interval() -> None:
+    difference = paired_difference([99.0], [90.0])
+    assert difference.verdict == "not resolved at 1 seed"
+    assert math.isnan(difference.interval.low) and math.isnan(difference.interval.high)
+    assert "run more seeds" in difference.explain()
+    assert t_interval([3.0]).format() == "3.00 (1 seed: no interval)"
+
+
+def test_a_constant_nonzero_difference_is_resolved() -> None:
+    assert paired_difference([b + 0.28 for b in BASE], BASE).verdict == "better"
+
+
+def test_a_small_noisy_difference_says_how_many_seeds_it_would_need() -> None:
+    variant = [98.0, 97.9, 98.9, 97.1, 98.5]
+    difference = paired_difference(variant, BASE)
+    differences = np.subtract(variant, BASE)
+    assert difference.verdict == "not resolved at 5 seeds"
+    n, mean, sd = difference.seeds_needed, differences.mean(), differences.std(ddof=1)
+    assert n is not None and n > 5
+
+    def half_width(seeds: int) -> float:
+        return stats.t.ppf(0.975, seeds - 1) * sd / math.sqrt(seeds)
+
+    assert half_width(n) < abs(mean) <= half_width(n - 1)  # the smallest such n
+    assert f"would need {n} seeds" in difference.explain()
+
+
+def test_interval_matches_scipy() -> None:
+    interval = t_interval(BASE)
+    low, high = stats.t.interval(0.95, len(BASE) - 1, loc=np.mean(BASE), scale=stats.sem(BASE))
+    assert interval.low == pytest.approx(low) and interval.high == pytest.approx(high)
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_the_95_percent_interval_covers_at_its_nominal_rate(seeds: int) -> None:
+    rng = np.random.default_rng(seeds)
+    true_mean, draws = 0.4, 2000
+    covered = 0
+    for _ in range(draws):
+        interval = t_interval(list(rng.normal(true_mean, 0.7, seeds)))
+        covered += interval.low <= true_mean <= interval.high
+    assert 0.93 <= covered / draws <= 0.97
+
+
+def test_step_ratio_and_epochs_to_target() -> None:
+    assert median_ratio([2.0, 2.2, 9.0], [1.0, 1.0, 1.0]) == pytest.approx(2.2)  # one burst ignored
+    with pytest.raises(ValueError):
+        median_ratio([1.0], [1.0, 2.0])
+    history = [{"epoch": 1, "val_acc": 80.0}, {"epoch": 2, "val_acc": 96.0}, {"epoch": 3, "val_acc": 94.0}]
+    assert epochs_to(history, 95.0) == 2
+    assert epochs_to(history, 99.0) is None
+    assert seeds_needed(0.0, 1.0) is None
+
+
+# -- variant specs ------------------------------------------------------------------------------
+
+def test_variant_specs_parse_into_conversion_options() -> None:
+    assert parse_variant("baseline").options is None
+    assert parse_variant("ic").options == {"init": "fresh"}
+    variant = parse_variant("ic:p=0.1,layout=ic-conv-relu,stem=true,exclude=head.fc|stem*")
+    assert variant.options == {"init": "fresh", "p": 0.1, "layout": "ic-conv-relu", "stem": True,
+                               "exclude": ("head.fc", "stem*")}
+    assert variant.folder == "ic-p0.1-layoutic-conv-relu-stemtrue-excludehead.fc-stem"
+    parsed = parse_variants("ic:p=0.1,layout=ic-conv-relu,baseline,ic,ic:init=preserve")
+    assert [v.spec for v in parsed] == ["baseline", "ic:p=0.1,layout=ic-conv-relu", "ic", "ic:init=preserve"]
+
+
+@pytest.mark.parametrize("specs, message", [
+    ("baseline,ic:q=1", "'q=1' is not KEY=VALUE with KEY one of p, init"),
+    ("baseline,ic:p=lots", "p takes a float, got 'lots'"),
+    ("baseline,ic:p=1.5", "variant 'ic:p=1.5': "),
+    ("baseline,ic:layout=ic-conv-relu,init=preserve", "use it with init='fresh'"),
+    ("baseline,ic:stem=maybe", "stem takes true or false"),
+    ("baseline,dropout", "bad variant 'dropout'"),
+    ("baseline,ic:", "bad variant 'ic:'"),
+    ("ic,ic:p=0.1", "must include baseline"),
+    ("baseline,ic,ic", "variants given twice: ic"),
+])
+def test_bad_variant_specs_are_one_line_errors(specs: str, message: str) -> None:
+    with pytest.raises(ComparisonError, match=None) as raised:
+        parse_variants(specs)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+def _loaders() -> tuple[DataLoader, DataLoader]:
+    return (DataLoader(Subset(DigitsDataset("train", 16), range(192)), batch_size=64, shuffle=True, drop_last=True),
+            DataLoader(Subset(DigitsDataset("test", 16), range(96)), batch_size=96))
+
+
+def _build() -> torch.nn.Module:
+    return create_timm_model("resnet18", **TINY)
+
+
+def _fingerprint(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_runs_are_paired_same_initial_weights_and_batches_per_seed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What every run starts from and trains on, recorded inside the real ``finetune`` runs."""
+    seen: dict[tuple[int, str], dict[str, Any]] = {}
+    real_finetune = compare_module.finetune
+
+    def recording_finetune(model: torch.nn.Module, train: DataLoader, val: DataLoader, out_dir: Path,
+                           **options: Any) -> Any:
+        record = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "batches": []}
+        seen[(options["seed"], Path(out_dir).name)] = record
+
+        def log_batch(module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
+            if module.training:
+                record["batches"].append(_fingerprint(inputs[0]))
+
+        model.register_forward_pre_hook(log_batch)
+        return real_finetune(model, train, val, out_dir, **options)
+
+    monkeypatch.setattr(compare_module, "finetune", recording_finetune)
+    compare(_build, *_loaders(), tmp_path, variants="baseline,ic:p=0.1", seeds=2, timing_rounds=1, epochs=2,
+            log=lambda _: None, progress=False)
+
+    for seed in range(2):
+        base, ic = seen[(seed, "baseline")], seen[(seed, "ic-p0.1")]
+        shared = base["weights"].keys() & ic["weights"].keys()
+        assert sum(name.endswith("conv1.weight") for name in shared) >= 8  # every conv keeps its name
+        # Equal up to the BatchNorm after each conv1, folded into it: a fresh one scales by 1/sqrt(1 + eps).
+        assert all(torch.allclose(base["weights"][k].float(), ic["weights"][k].float(), rtol=1e-5) for k in shared)
+        assert len(base["batches"]) == 2 * 3 and base["batches"] == ic["batches"]
+    # ... and the seeds differ from each other in both.
+    assert not torch.allclose(seen[(0, "baseline")]["weights"]["conv1.weight"],
+                              seen[(1, "baseline")]["weights"]["conv1.weight"], rtol=0.1)
+    assert seen[(0, "baseline")]["batches"] != seen[(1, "baseline")]["batches"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _records(path: Path) -> dict[str, Any]:
+    """The per-epoch records of ``compare.json`` without the wall times, which differ run to run."""
+    runs = json.loads((path / "compare.json").read_text())["runs"]
+    return {v: [[{k: x for k, x in r.items() if k != "epoch_time_s"} for r in h] for h in hs]
+            for v, hs in runs.items()}
+
+
+def test_an_interrupted_comparison_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = dict(variants="baseline,ic", seeds=2, timing_rounds=1, epochs=2, checkpoint_interval=2,
+                   log=lambda _: None, progress=False)
+    compare(_build, *_loaders(), tmp_path / "whole", **options)
+
+    real_finetune, calls = compare_module.finetune, []
+
+    def finetune_killed_in_third_run(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:  # seed 1's baseline: killed in its second epoch, after a mid-epoch checkpoint
+            steps = []
+
+            def kill(module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
+                steps.append(module.training)
+                if sum(steps) == 5:
+                    raise Interrupted
+
+            model.register_forward_pre_hook(kill)
+        return real_finetune(model, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "finetune", finetune_killed_in_third_run)
+    with pytest.raises(Interrupted):
+        compare(_build, *_loaders(), tmp_path / "resumed", **options)
+    assert not (tmp_path / "resumed" / "compare.json").exists()
+    with pytest.raises(ComparisonError, match="not empty"):
+        compare(_build, *_loaders(), tmp_path / "resumed", **options)
+    monkeypatch.setattr(compare_module, "finetune", real_finetune)
+    resumed = compare(_build, *_loaders(), tmp_path / "resumed", resume=True, **options)
+
+    assert _records(tmp_path / "resumed") == _records(tmp_path / "whole")
+    assert (tmp_path / "resumed" / "report.md").read_text().count("| ic |") == 2
+    assert resumed.verdicts()["ic"].startswith("ic against baseline, final test accuracy (points): ")
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def test_cli_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from icrewrite.cli import main
+
+    data = write_digits_folder(tmp_path / "images", per_class=12, classes=3)
+    model = tmp_path / "tiny.safetensors"
+    icrewrite.save(create_timm_model("resnet18", **{**TINY, "num_classes": 3}), model)
+    out = tmp_path / "cmp"
+    command = ["compare", str(model), "--data", str(data), "--img-size", "16", "--batch-size", "8", "--epochs", "1",
+               "--workers", "0", "--seeds", "2", "--timing-rounds", "2", "--variants", "baseline,ic:p=0.1", "--no-progress",
+               "-o", str(out)]
+    assert main(command) == 0
+    stdout = capsys.readouterr().out
+    assert "ic:p=0.1 against baseline, final test accuracy (points): " in stdout
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["variants"] == ["baseline", "ic:p=0.1"]
+    assert [len(h) for h in summary["runs"]["ic:p=0.1"]] == [1, 1]
+    assert summary["summary"]["ic:p=0.1"]["step_ratio"]["n"] == 2
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert "| ic:p=0.1 |" in (out / "report.md").read_text()
+    for seed in range(2):
+        assert (out / f"seed-{seed}" / "ic-p0.1" / "last.safetensors").is_file()
+
+    assert main(command) == 2  # the folder holds a comparison: refused
+    assert "is not empty; resume the comparison" in capsys.readouterr().err
+    assert main([*command, "--resume"]) == 0  # every run finished: read back
+    assert main([*command[:-2], "--variants", "baseline,ic:p=2", "-o", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: variant 'ic:p=2': ")
+
+
+@pytest.mark.slow
+def test_cli_compare_under_torchrun_two_gloo_ranks(tmp_path: Path) -> None:
+    """Every run of the comparison trains on both ranks in one process group; rank 0 alone reports."""
+    model = tmp_path / "tiny.safetensors"
+    icrewrite.save(_build(), model)
+    out = tmp_path / "cmp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "icrewrite.cli", "compare", str(model), "--data", "digits", "--img-size", "16", "--epochs", "1",
+               "--seeds", "2", "--timing-rounds", "2", "--variants", "baseline,ic:p=0.1", "--no-progress",
+               "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ic:p=0.1 against baseline") == 1
+    summary = json.loads((out / "compare.json").read_text())
+    assert [len(h) for h in summary["runs"]["baseline"]] == [1, 1]
+    assert json.loads((out / "seed-0" / "baseline" / "metrics.jsonl").read_text())["epoch"] == 1
