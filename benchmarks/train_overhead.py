@@ -31,6 +31,8 @@ tensors), how far a step raises the resident set (``VmHWM``, reset before the st
     python benchmarks/train_overhead.py --models resnet50 --compile
     python benchmarks/train_overhead.py --models resnet50 --floors  # with the floors of the IC cost
     python benchmarks/train_overhead.py --quick               # a tiny smoke run
+    python benchmarks/train_overhead.py --models demo --size 32 --batch 64 --threads 2  # the demo's model
+    python benchmarks/train_overhead.py --models mobilenetv3_small_100 --size 64 --batch 32 --threads 2
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from torch import nn
 
 import icrewrite
 from icrewrite.layers import IC
+from icrewrite.train.demo import FULL as DEMO
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "vit_tiny_patch16_224")
@@ -74,7 +77,10 @@ class Variant:
 
 
 def create(name: str, size: int) -> nn.Module:
-    """``timm.create_model(name)`` for ``size`` x ``size`` inputs (``img_size`` for models that take it)."""
+    """``timm.create_model(name)`` for ``size`` x ``size`` inputs (``img_size`` for models that take it);
+    ``demo`` is the model that ``icrewrite demo`` trains (10 classes)."""
+    if name == "demo":
+        return timm.create_model(DEMO.model, pretrained=False, num_classes=10, **DEMO.model_args)
     try:
         return timm.create_model(name, pretrained=False, img_size=size)
     except TypeError:  # convolutional networks take any input size and no img_size argument
@@ -280,7 +286,8 @@ def rows(name: str, mode: str, measured: Measured, device: torch.device) -> list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help="timm model names; 'demo' is the model 'icrewrite demo' trains (run it at 32x32, batch 64)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
     parser.add_argument("--rounds", type=int, default=15)

@@ -121,16 +121,47 @@ def _two_pass_row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.div_(x.numel() // (batch * features))
 
 
-def _batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature batch ``(mean, biased variance)`` of ``x``, in the dtype BatchNorm with ``weight`` keeps them.
+@dataclass(frozen=True)
+class BatchStats:
+    """Per-feature batch statistics of an IC input: ``mean``, biased ``var`` and ``invstd = 1 / sqrt(var + eps)``.
 
-    Row reductions where they pay off, else training-mode ``native_batch_norm`` (whose
-    output is dropped; the variance is recovered from its ``invstd``).
+    Rebuilding the output takes ``var`` (``native_batch_norm`` in eval mode), its backward ``invstd``.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    invstd: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RunningStats:
+    """BatchNorm's running statistics and the momentum of this batch's update."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: float
+
+
+def _normalise(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, running: RunningStats | None,
+) -> tuple[torch.Tensor, BatchStats]:
+    """``x`` normalised with its batch statistics and mapped by ``scale`` and ``shift``, and those statistics;
+    updates ``running`` (where given) as BatchNorm does.
+
+    Row-reduction statistics where they pay off, then one eval-mode ``native_batch_norm``
+    pass; else one training-mode ``native_batch_norm`` call, which computes the statistics,
+    the output and the running update together (the fewest calls: small tensors pay per call).
     """
     if _row_stats_pay_off(x):
-        return _row_stats(x)
-    _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    return mean, invstd.pow_(-2).sub_(eps).clamp_min_(0.0)
+        mean, var = _row_stats(x)
+        if running is not None:
+            _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+        out = torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
+        return out, BatchStats(mean, var, var.add(eps).rsqrt_())
+    running_mean, running_var, momentum = (None, None, 0.0) if running is None else (
+        running.mean, running.var, running.momentum)
+    out, mean, invstd = torch.native_batch_norm(x, scale, shift, running_mean, running_var, True, momentum, eps)
+    return out, BatchStats(mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0), invstd)
 
 
 def _dropout_output(
@@ -146,14 +177,16 @@ def _dropout_output(
 
 def _forward_kernel(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p: float, eps: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(output, batch mean, batch variance, dropped positions)`` of the IC block in training mode.
+    running: RunningStats | None = None,
+) -> tuple[torch.Tensor, BatchStats, torch.Tensor]:
+    """``(output, batch statistics, dropped positions)`` of the IC block in training mode; updates ``running``.
 
     ``scale`` and ``shift`` are the BatchNorm affine divided by the keep probability ``1 - p``.
     """
-    mean, var = _batch_stats(x, scale, shift, eps)
+    out, stats = _normalise(x, scale, shift, eps, running)
     dropped = dropped_positions(x.numel(), p, seed, x.device)
-    return _dropout_output(x, scale, shift, mean, var, dropped, eps), mean, var, dropped
+    _flat(out).index_fill_(0, dropped, 0.0)
+    return out, stats, dropped
 
 
 def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tensor, *, owned: bool) -> torch.Tensor:
@@ -168,7 +201,7 @@ def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tenso
 
 
 def _backward_kernel(
-    kept_grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    kept_grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
     p: float, eps: float, needs: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients for ``x`` and the BatchNorm weight and bias (where ``needs`` says) of :func:`_forward_kernel`'s output.
@@ -176,7 +209,6 @@ def _backward_kernel(
     ``kept_grad`` is the output's gradient with the dropped positions zeroed.
     """
     keep = 1.0 - p
-    invstd = var.add(eps).rsqrt_()
     grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
         kept_grad, x, scale, None, None, mean, invstd, True, eps, list(needs))
     return grad_x, _div(grad_scale, keep), _div(grad_shift, keep)
@@ -198,24 +230,24 @@ def _draw_seed() -> int:
 
 
 class _BatchNormDropout(torch.autograd.Function):
-    """Eager autograd: backward keeps the dropped positions (``8p`` bytes per element)."""
+    """Eager autograd: backward keeps the dropped positions (``8p`` bytes per element); forward updates the
+    running statistics."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running: RunningStats,
+                p: float, eps: float) -> torch.Tensor:
         scale, shift = _scaled_affine(weight, bias, p)
-        out, mean, var, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed())
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, scale, mean, var, dropped)
+        out, stats, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed(), running)
+        ctx.save_for_backward(x, scale, stats.mean, stats.invstd, dropped)
         ctx.p, ctx.eps = p, eps
-        return out, mean, var
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, scale, mean, var, dropped = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, mean, invstd, dropped = ctx.saved_tensors
         kept_grad = _zero_dropped(grad, x, dropped, owned=False)  # the forward output was laid out like x
-        return *_backward_kernel(kept_grad, x, scale, mean, var, ctx.p, ctx.eps), None, None
+        return *_backward_kernel(kept_grad, x, scale, mean, invstd, ctx.p, ctx.eps), None, None, None
 
 
 # For torch.compile: custom operators, which it keeps whole (fake kernels give the shapes)
@@ -227,8 +259,8 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_forward_kernel` with the seed of its mask in place of the positions."""
     seed = _draw_seed()
-    out, mean, var, _ = _forward_kernel(x, *_scaled_affine(weight, bias, p), p, eps, seed)
-    return out, mean, var, torch.tensor(seed)
+    out, stats, _ = _forward_kernel(x, *_scaled_affine(weight, bias, p), p, eps, seed)
+    return out, stats.mean, stats.var, torch.tensor(seed)
 
 
 @_forward_op.register_fake
@@ -245,7 +277,7 @@ def _backward_op(
     """:func:`_backward_kernel`, drawing the dropped positions again from ``seed``."""
     dropped = dropped_positions(x.numel(), p, int(seed), x.device)
     kept_grad = _zero_dropped(grad, x, dropped, owned=False)
-    return _backward_kernel(kept_grad, x, torch.div(weight, 1.0 - p), mean, var, p, eps)
+    return _backward_kernel(kept_grad, x, torch.div(weight, 1.0 - p), mean, var.add(eps).rsqrt_(), p, eps)
 
 
 @_backward_op.register_fake
@@ -308,31 +340,22 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LINEAR = LinearCall()
 
 
-def _layer_forward_kernel(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
-    bias: torch.Tensor | None, p: float, eps: float, call: LayerCall, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(layer output, batch mean, batch variance, dropped positions)`` of an IC block and its layer in training mode."""
-    y, mean, var, dropped = _forward_kernel(x, *_scaled_affine(norm_weight, norm_bias, p), p, eps, seed)
-    return call.forward(y, weight, bias), mean, var, dropped
-
-
 def _layer_backward_kernel(
-    grad: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor,
-    var: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float,
-    call: LayerCall, needs: tuple[bool, ...],
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stats: BatchStats,
+    dropped: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float, call: LayerCall,
+    needs: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for ``x``, the BatchNorm weight and bias, the layer's weight and bias (where ``needs`` says) of
-    :func:`_layer_forward_kernel`'s output. Rebuilds the IC output from ``x`` (the same values) instead of keeping it."""
-    scale, shift = _scaled_affine(norm_weight, norm_bias, p)
-    y = _dropout_output(x, scale, shift, mean, var, dropped, eps)
+    ``call`` on :func:`_forward_kernel`'s output (``scale`` and ``shift``: the affine over the keep probability).
+    Rebuilds the IC output from ``x`` (the same values up to rounding) instead of keeping it."""
+    y = _dropout_output(x, scale, shift, stats.mean, stats.var, dropped, eps)
     norm_needs = needs[:3]
     grad_y, grad_weight, grad_bias = call.backward(grad, y, weight, has_bias, (any(norm_needs), *needs[3:5]))
     norm_grads = (None, None, None)
     if any(norm_needs):
         kept_grad = _zero_dropped(grad_y, y, dropped, owned=True)
         del y, grad_y  # one rebuilt output alive at a time
-        norm_grads = _backward_kernel(kept_grad, x, scale, mean, var, p, eps, norm_needs)
+        norm_grads = _backward_kernel(kept_grad, x, scale, stats.mean, stats.invstd, p, eps, norm_needs)
     return *norm_grads, grad_weight, grad_bias
 
 
@@ -341,21 +364,20 @@ class _NormDropoutLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, p: float, eps: float,
-                call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, mean, var, dropped = _layer_forward_kernel(x, norm_weight, norm_bias, weight, bias, p, eps, call,
-                                                        _draw_seed())
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, var, dropped, weight)
+                bias: torch.Tensor | None, running: RunningStats, p: float, eps: float, call: LayerCall) -> torch.Tensor:
+        scale, shift = _scaled_affine(norm_weight, norm_bias, p)
+        y, stats, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed(), running)
+        ctx.save_for_backward(x, scale, shift, stats.mean, stats.var, stats.invstd, dropped, weight)
         ctx.p, ctx.eps, ctx.call, ctx.has_bias = p, eps, call, bias is not None
-        return out, mean, var
+        return call.forward(y, weight, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        grads = _layer_backward_kernel(grad, *ctx.saved_tensors, ctx.has_bias, ctx.p, ctx.eps, ctx.call,
-                                       ctx.needs_input_grad[:5])
-        return *grads, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, shift, mean, var, invstd, dropped, weight = ctx.saved_tensors
+        grads = _layer_backward_kernel(grad, x, scale, shift, BatchStats(mean, var, invstd), dropped, weight,
+                                       ctx.has_bias, ctx.p, ctx.eps, ctx.call, ctx.needs_input_grad[:5])
+        return *grads, None, None, None, None
 
 
 # For torch.compile, the same as custom operators (like the lone block's above): the layer
@@ -377,11 +399,11 @@ def _layer_forward_op(
     bias: torch.Tensor | None, p: float, eps: float, stride: list[int], padding: list[int], dilation: list[int],
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_layer_forward_kernel` with the seed of its mask in place of the positions."""
+    """The IC block (:func:`_forward_kernel`) then the layer, with the seed of its mask in place of the positions."""
     seed = _draw_seed()
-    out, mean, var, _ = _layer_forward_kernel(x, norm_weight, norm_bias, weight, bias, p, eps,
-                                              _call_of(stride, padding, dilation, groups), seed)
-    return out, mean, var, torch.tensor(seed)
+    y, stats, _ = _forward_kernel(x, *_scaled_affine(norm_weight, norm_bias, p), p, eps, seed)
+    out = _call_of(stride, padding, dilation, groups).forward(y, weight, bias)
+    return out, stats.mean, stats.var, torch.tensor(seed)
 
 
 @_layer_forward_op.register_fake
@@ -401,8 +423,9 @@ def _layer_backward_op(
     """:func:`_layer_backward_kernel` for every input, drawing the dropped positions again from ``seed``;
     the bias gradient is empty for a layer without bias."""
     dropped = dropped_positions(x.numel(), p, int(seed), x.device)
-    grads = _layer_backward_kernel(grad, x, norm_weight, norm_bias, mean, var, dropped, weight, has_bias, p, eps,
-                                   _call_of(stride, padding, dilation, groups), (True,) * 5)
+    stats = BatchStats(mean, var, var.add(eps).rsqrt_())
+    grads = _layer_backward_kernel(grad, x, *_scaled_affine(norm_weight, norm_bias, p), stats, dropped, weight,
+                                   has_bias, p, eps, _call_of(stride, padding, dilation, groups), (True,) * 5)
     return *grads[:4], grads[4] if has_bias else weight.new_empty(0)
 
 
@@ -488,14 +511,11 @@ def _count_batch(norm: _BatchNorm) -> float:
     return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
 
 
-def _update_running_stats(
-    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int,
-    momentum: float,
-) -> None:
+def _update_running_stats(running: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """BatchNorm's update of the running statistics from the batch ones (unbiased variance)."""
     with torch.no_grad():
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_(var * (count / (count - 1)), momentum)
+        running.mean.lerp_(mean, running.momentum)
+        running.var.lerp_(var * (count / (count - 1)), running.momentum)
 
 
 def batch_norm_dropout(
@@ -507,11 +527,11 @@ def batch_norm_dropout(
     For ``x`` of shape ``(N, C, *)`` on CPU and ``0 < p < 1``; updates the running
     statistics in place. Differentiable once in ``x``, ``weight`` and ``bias``.
     """
-    if torch.compiler.is_compiling():
-        out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
-    else:
-        out, mean, var = _BatchNormDropout.apply(x, weight, bias, p, eps)
-    _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    running = RunningStats(running_mean, running_var, momentum)
+    if not torch.compiler.is_compiling():
+        return _BatchNormDropout.apply(x, weight, bias, running, p, eps)
+    out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
+    _update_running_stats(running, mean, var, x.numel() // x.shape[1])
     return out
 
 
@@ -532,10 +552,9 @@ def norm_dropout_layer(
     (which the operation before keeps anyway), per-feature statistics and the dropped
     positions. Differentiable once.
     """
-    momentum = _count_batch(norm)
-    if torch.compiler.is_compiling():
-        out, mean, var, _ = _layer_forward_op(x, norm.weight, norm.bias, weight, bias, p, norm.eps, *_call_args(call))
-    else:
-        out, mean, var = _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, p, norm.eps, call)
-    _update_running_stats(norm.running_mean, norm.running_var, mean, var, x.numel() // x.shape[1], momentum)
+    running = RunningStats(norm.running_mean, norm.running_var, _count_batch(norm))
+    if not torch.compiler.is_compiling():
+        return _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, running, p, norm.eps, call)
+    out, mean, var, _ = _layer_forward_op(x, norm.weight, norm.bias, weight, bias, p, norm.eps, *_call_args(call))
+    _update_running_stats(running, mean, var, x.numel() // x.shape[1])
     return out
