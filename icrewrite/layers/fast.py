@@ -29,8 +29,11 @@ the reference modules (cuDNN and the fused CUDA dropout kernel serve them on GPU
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -56,6 +59,26 @@ _MIN_NUMEL = 2**16
 # cancellation. Up to this ratio its float32 error stays within a few times that of two
 # passes (about 1e-7 relative on post-ReLU activations, where the ratio is about 2).
 _MAX_ONE_PASS_RATIO = 8.0
+# What IC blocks in CUDA training run: "triton" (icrewrite.layers.triton_ic, the mask drawn again from its seed in
+# backward) or "reference" (the BatchNorm and Dropout modules: cuDNN, and what torch.compile fuses on its own).
+CUDA_KERNELS = os.environ.get("ICREWRITE_CUDA_IC", "triton")
+
+
+@functools.cache
+def _triton() -> ModuleType | None:
+    """:mod:`icrewrite.layers.triton_ic`, imported on first use (it imports Triton); ``None`` without Triton."""
+    try:
+        from . import triton_ic
+    except ImportError:
+        return None
+    return triton_ic
+
+
+def _uses_triton(x: torch.Tensor) -> bool:
+    """Whether the block runs the Triton kernels on ``x``: a CUDA tensor, contiguous or channels-last, with
+    ``CUDA_KERNELS`` set to them and Triton installed."""
+    kernels = _triton() if x.is_cuda and CUDA_KERNELS == "triton" else None
+    return kernels is not None and x.numel() <= kernels.MAX_NUMEL and kernels.feature_stride(x) is not None
 
 
 def dropped_positions(numel: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -164,13 +187,23 @@ def _normalise(
     return out, BatchStats(mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0), invstd)
 
 
+# The mask of a block: on the Triton path, a 0-d int64 tensor holding the seed its kernels draw it from; else the
+# dropped positions (a 1-d int64 tensor, see dropped_positions).
+
+def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The mask of a block on ``x`` drawn from ``seed``: the seed itself where its kernels are Triton's."""
+    return torch.tensor(seed) if _uses_triton(x) else dropped_positions(x.numel(), p, seed, x.device)
+
+
 def _dropout_output(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-    dropped: torch.Tensor, eps: float,
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stats: BatchStats, dropped: torch.Tensor, p: float,
+    eps: float,
 ) -> torch.Tensor:
-    """The IC output: ``x`` normalised with ``(mean, var)`` and mapped by ``scale`` and ``shift`` (the affine over the
-    keep probability) in one pass, the ``dropped`` positions zeroed. The same inputs give the same values."""
-    out = torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
+    """The IC output: ``x`` normalised with ``stats`` and mapped by ``scale`` and ``shift`` (the affine over the
+    keep probability) in one pass, the ``dropped`` mask applied. The same inputs give the same values."""
+    if dropped.dim() == 0:
+        return _triton().normalise_dropout(x, stats.mean, stats.invstd, scale, shift, p, int(dropped))
+    out = torch.native_batch_norm(x, scale, shift, stats.mean, stats.var, False, 0.0, eps)[0]
     _flat(out).index_fill_(0, dropped, 0.0)
     return out
 
@@ -179,23 +212,36 @@ def _forward_kernel(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p: float, eps: float, seed: int,
     running: RunningStats | None = None,
 ) -> tuple[torch.Tensor, BatchStats, torch.Tensor]:
-    """``(output, batch statistics, dropped positions)`` of the IC block in training mode; updates ``running``.
+    """``(output, batch statistics, mask)`` of the IC block in training mode; updates ``running``.
 
     ``scale`` and ``shift`` are the BatchNorm affine divided by the keep probability ``1 - p``.
+    On the Triton path the statistics come first, then one pass normalises and drops.
     """
+    mask = _mask(x, p, seed)
+    if mask.dim() == 0:
+        mean, invstd = _triton().batch_stats(x, eps)
+        stats = BatchStats(mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0), invstd)
+        if running is not None:
+            _update_running_stats(running, mean, stats.var, x.numel() // x.shape[1])
+        return _dropout_output(x, scale, shift, stats, mask, p, eps), stats, mask
     out, stats = _normalise(x, scale, shift, eps, running)
-    dropped = dropped_positions(x.numel(), p, seed, x.device)
-    _flat(out).index_fill_(0, dropped, 0.0)
-    return out, stats, dropped
+    _flat(out).index_fill_(0, mask, 0.0)
+    return out, stats, mask
 
 
-def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tensor, *, owned: bool) -> torch.Tensor:
-    """``grad`` with the dropped positions zeroed, laid out like ``output`` (whose memory order ``dropped`` indexes).
+def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tensor, p: float, *,
+                  owned: bool) -> torch.Tensor:
+    """``grad`` with the ``dropped`` mask applied, laid out like ``output`` (whose memory order the mask indexes).
 
     In place when ``grad`` is ``owned`` (no one else holds it) and laid out like ``output``.
     """
-    if not owned or grad.stride() != output.stride():
+    laid_out = grad.stride() == output.stride()
+    if dropped.dim() == 0 and laid_out:
+        return _triton().drop(grad, p, int(dropped), out=grad if owned else None)
+    if not (owned and laid_out):
         grad = torch.empty_like(output).copy_(grad)
+    if dropped.dim() == 0:
+        return _triton().drop(grad, p, int(dropped), out=grad)
     _flat(grad).index_fill_(0, dropped, 0.0)
     return grad
 
@@ -246,7 +292,7 @@ class _BatchNormDropout(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, scale, mean, invstd, dropped = ctx.saved_tensors
-        kept_grad = _zero_dropped(grad, x, dropped, owned=False)  # the forward output was laid out like x
+        kept_grad = _zero_dropped(grad, x, dropped, ctx.p, owned=False)  # the forward output was laid out like x
         return *_backward_kernel(kept_grad, x, scale, mean, invstd, ctx.p, ctx.eps), None, None, None
 
 
@@ -274,9 +320,8 @@ def _backward_op(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_backward_kernel`, drawing the dropped positions again from ``seed``."""
-    dropped = dropped_positions(x.numel(), p, int(seed), x.device)
-    kept_grad = _zero_dropped(grad, x, dropped, owned=False)
+    """:func:`_backward_kernel`, drawing the mask again from ``seed``."""
+    kept_grad = _zero_dropped(grad, x, _mask(x, p, int(seed)), p, owned=False)
     return _backward_kernel(kept_grad, x, torch.div(weight, 1.0 - p), mean, var.add(eps).rsqrt_(), p, eps)
 
 
@@ -348,12 +393,12 @@ def _layer_backward_kernel(
     """Gradients for ``x``, the BatchNorm weight and bias, the layer's weight and bias (where ``needs`` says) of
     ``call`` on :func:`_forward_kernel`'s output (``scale`` and ``shift``: the affine over the keep probability).
     Rebuilds the IC output from ``x`` (the same values up to rounding) instead of keeping it."""
-    y = _dropout_output(x, scale, shift, stats.mean, stats.var, dropped, eps)
+    y = _dropout_output(x, scale, shift, stats, dropped, p, eps)
     norm_needs = needs[:3]
     grad_y, grad_weight, grad_bias = call.backward(grad, y, weight, has_bias, (any(norm_needs), *needs[3:5]))
     norm_grads = (None, None, None)
     if any(norm_needs):
-        kept_grad = _zero_dropped(grad_y, y, dropped, owned=True)
+        kept_grad = _zero_dropped(grad_y, y, dropped, p, owned=True)
         del y, grad_y  # one rebuilt output alive at a time
         norm_grads = _backward_kernel(kept_grad, x, scale, stats.mean, stats.invstd, p, eps, norm_needs)
     return *norm_grads, grad_weight, grad_bias
@@ -420,12 +465,11 @@ def _layer_backward_op(
     var: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_layer_backward_kernel` for every input, drawing the dropped positions again from ``seed``;
+    """:func:`_layer_backward_kernel` for every input, drawing the mask again from ``seed``;
     the bias gradient is empty for a layer without bias."""
-    dropped = dropped_positions(x.numel(), p, int(seed), x.device)
     stats = BatchStats(mean, var, var.add(eps).rsqrt_())
-    grads = _layer_backward_kernel(grad, x, *_scaled_affine(norm_weight, norm_bias, p), stats, dropped, weight,
-                                   has_bias, p, eps, _call_of(stride, padding, dilation, groups), (True,) * 5)
+    grads = _layer_backward_kernel(grad, x, *_scaled_affine(norm_weight, norm_bias, p), stats, _mask(x, p, int(seed)),
+                                   weight, has_bias, p, eps, _call_of(stride, padding, dilation, groups), (True,) * 5)
     return *grads[:4], grads[4] if has_bias else weight.new_empty(0)
 
 
@@ -473,13 +517,14 @@ def _exporting(x: torch.Tensor) -> bool:
 def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor, feature_dim: int = 1) -> bool:
     """Whether the fast path computes ``drop(norm(x))`` for this call (features along ``feature_dim`` of ``x``).
 
-    True in CPU training (eager or compiled), for a plain affine BatchNorm that tracks running
+    True in CPU training and in CUDA training where the Triton kernels apply (:func:`_uses_triton`), eager or
+    compiled, for a plain affine BatchNorm that tracks running
     statistics (not SyncBatchNorm or another subclass with its own forward), an
     ``nn.Dropout`` with ``0 < p < 1``, more than one value per feature, and no hooks on
     either module.
     """
     return (
-        norm.training and drop.training and not _exporting(x) and x.device.type == "cpu"
+        norm.training and drop.training and not _exporting(x) and (x.device.type == "cpu" or _uses_triton(x))
         and isinstance(norm, _BatchNorm) and type(norm).forward is _BatchNorm.forward
         and norm.affine and norm.track_running_stats
         and type(drop) is nn.Dropout and 0.0 < drop.p < 1.0
@@ -496,7 +541,7 @@ def layer_call(ic: nn.Module, layer: nn.Module, base: type[nn.Module]) -> LayerC
     registered on ``ic`` itself, which a fused call would skip. The IC's own fast path
     must apply too (:func:`applies`).
     """
-    if torch.is_autocast_enabled("cpu") or _hooked(ic):
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") or _hooked(ic):
         return None
     if base is nn.Linear:
         return _LINEAR
