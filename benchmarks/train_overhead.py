@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants")
+    parser.add_argument("--compiled-only", action="store_true", help="time the torch.compile'd variants only")
     parser.add_argument("--floors", action="store_true",
                         help="also time the conversion with its IC blocks in eval mode and removed: what any IC "
                              "implementation costs at least, and what the other edits cost")
@@ -334,9 +335,9 @@ def main(argv: list[str] | None = None) -> None:
           f"train step (forward, backward, SGD) batch {args.batch} at {args.size}x{args.size}"
           f"{f', {args.amp} autocast' if args.amp else ''}{', channels-last' if args.channels_last else ''}; "
           f"{args.rounds} rounds, median of paired per-round ratios")
-    modes = (False, True) if args.compile else (False,)
+    modes = (True,) if args.compiled_only else (False, True) if args.compile else (False,)
     results = {(name, compiled): measure(name, args, device, compiled) for name in args.models for compiled in modes}
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.compiled_only:
         for name, peaks in resident_peaks(args).items():
             results[name, False].peak = peaks
     print("\n| model | mode | variant | original step (ms) | time ratio (wall) | time ratio (CPU) "
