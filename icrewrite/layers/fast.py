@@ -1,4 +1,4 @@
-"""Fast CPU training path of the IC block: BatchNorm + Dropout as one differentiable operator.
+"""Fast training path of the IC block: BatchNorm + Dropout as one differentiable operator (CPU; CUDA with Triton).
 
 Where the reference ``Dropout(BatchNorm(x))`` spends its time on CPU (torch.profiler,
 resnet18/50 train steps) and what this path does instead:
@@ -24,8 +24,15 @@ pass) instead of keeping it for the layer's weight gradient: the memory of that 
 the largest part of the IC block's cost in memory, is not held between forward and
 backward. Under ``torch.compile`` it is a custom operator too, whose backward draws the
 positions again from the seed. ``IC.forward`` and ``ICWeightLayer.forward`` use these
-paths in CPU training (see :func:`applies` and :func:`layer_call`); elsewhere they run
-the reference modules (cuDNN and the fused CUDA dropout kernel serve them on GPUs).
+paths in CPU training (see :func:`applies` and :func:`layer_call`).
+
+On CUDA tensors the same operators run the Triton kernels of
+:mod:`icrewrite.layers.triton_ic` instead of the positions: one pass normalises, scales and
+drops, and the mask is drawn again from its seed wherever it is needed (backward, the
+rebuilt output), so nothing of it is kept. ``CUDA_KERNELS`` (environment variable
+``ICREWRITE_CUDA_IC``) set to ``"reference"`` runs the reference modules on CUDA instead.
+Small tensors pay per call: where ``native_batch_norm`` computes the statistics, the same
+call also gives the output and updates the running statistics.
 """
 from __future__ import annotations
 
