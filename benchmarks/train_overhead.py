@@ -31,10 +31,14 @@ tensors), how far a step raises the resident set (``VmHWM``, reset before the st
     python benchmarks/train_overhead.py --models resnet50 --compile
     python benchmarks/train_overhead.py --models resnet50 --floors  # with the floors of the IC cost
     python benchmarks/train_overhead.py --quick               # a tiny smoke run
+    python benchmarks/train_overhead.py --models resnet50 --batch 128 --size 224 --amp bf16 --channels-last --compile
+    python benchmarks/train_overhead.py --models demo --size 32 --batch 64 --threads 2  # the demo's model
+    python benchmarks/train_overhead.py --models mobilenetv3_small_100 --size 64 --batch 32 --threads 2
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -54,27 +58,38 @@ from torch import nn
 
 import icrewrite
 from icrewrite.layers import IC
+from icrewrite.train.demo import FULL as DEMO
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "vit_tiny_patch16_224")
 BASELINE = "original"
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Variant:
-    """A model and its optimizer, trained by :meth:`step`."""
+    """A model and its optimizer, trained by :meth:`step` (under autocast to ``amp`` where given)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    amp: torch.dtype | None = None
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast(x.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with autocast:
+            return F.cross_entropy(self.model(x), y)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(x), y).backward()
+        self.forward_loss(x, y).backward()
         self.optimizer.step()
 
 
 def create(name: str, size: int) -> nn.Module:
-    """``timm.create_model(name)`` for ``size`` x ``size`` inputs (``img_size`` for models that take it)."""
+    """``timm.create_model(name)`` for ``size`` x ``size`` inputs (``img_size`` for models that take it);
+    ``demo`` is the model that ``icrewrite demo`` trains (10 classes)."""
+    if name == "demo":
+        return timm.create_model(DEMO.model, pretrained=False, num_classes=10, **DEMO.model_args)
     try:
         return timm.create_model(name, pretrained=False, img_size=size)
     except TypeError:  # convolutional networks take any input size and no img_size argument
@@ -97,11 +112,14 @@ def with_ic_blocks(model: nn.Module, role: str) -> nn.Module:
     return model
 
 
-def variants(name: str, size: int, device: torch.device, compiled: bool, floors: bool = False) -> dict[str, Variant]:
+def variants(name: str, size: int, device: torch.device, compiled: bool, floors: bool = False,
+             amp: torch.dtype | None = None, channels_last: bool = False) -> dict[str, Variant]:
     """The original model, its IC conversion (fast path) and the IC reference path; with ``floors``
-    also the conversion with its IC blocks in eval mode and removed (see :func:`with_ic_blocks`)."""
+    also the conversion with its IC blocks in eval mode and removed (see :func:`with_ic_blocks`).
+    Trained under autocast to ``amp`` where given, in channels-last memory format with ``channels_last``."""
     torch.manual_seed(0)
-    original = create(name, size).to(device).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    original = create(name, size).to(device, memory_format=memory_format).train()
     converted = icrewrite.convert(original)
     models = {BASELINE: original, "IC": converted,
               "IC reference": with_ic_blocks(copy.deepcopy(converted), "reference")}
@@ -110,7 +128,7 @@ def variants(name: str, size: int, device: torch.device, compiled: bool, floors:
         models["floor: IC blocks removed"] = with_ic_blocks(copy.deepcopy(converted), "removed")
     if compiled:
         models = {label: torch.compile(model) for label, model in models.items()}
-    return {label: Variant(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+    return {label: Variant(model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), amp)
             for label, model in models.items()}
 
 
@@ -148,7 +166,7 @@ def saved_bytes(run: Variant, x: torch.Tensor, y: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(run.model(x), y)
+        loss = run.forward_loss(x, y)
     loss.backward()
     run.optimizer.zero_grad(set_to_none=True)
     return sum(storages.values())
@@ -199,6 +217,8 @@ def sample_batch(args: argparse.Namespace, runs: dict[str, Variant], device: tor
     """A random input batch and its labels (the same for every call: the generator is seeded)."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, runs[BASELINE].model.num_classes, (args.batch,), generator=generator).to(device)
     return x, y
 
@@ -225,7 +245,7 @@ class Measured:
 
 def measure(name: str, args: argparse.Namespace, device: torch.device, compiled: bool) -> Measured:
     """Times and memory of the variants of one model in one mode (eager or compiled)."""
-    runs = variants(name, args.size, device, compiled, args.floors)
+    runs = variants(name, args.size, device, compiled, args.floors, AMP.get(args.amp), args.channels_last)
     x, y = sample_batch(args, runs, device)
     times = time_interleaved(runs, x, y, args.rounds, args.warmup)
     saved = {label: saved_bytes(run, x, y) for label, run in runs.items()}
@@ -241,7 +261,8 @@ def measure_resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]
         return {}
     peaks = {}
     for name in args.models:
-        runs = variants(name, args.size, torch.device("cpu"), compiled=False, floors=args.floors)
+        runs = variants(name, args.size, torch.device("cpu"), compiled=False, floors=args.floors,
+                        amp=AMP.get(args.amp), channels_last=args.channels_last)
         x, y = sample_batch(args, runs, torch.device("cpu"))
         for run in runs.values():
             run.step(x, y)  # momentum buffers exist from here on
@@ -254,7 +275,8 @@ def measure_resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]
 def resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     """:func:`measure_resident_peaks` in a fresh process (``--resident-peaks``), which has the allocator to itself."""
     command = [sys.executable, __file__, "--resident-peaks", "--models", *args.models, "--batch", str(args.batch),
-               "--size", str(args.size), "--threads", str(args.threads), *(["--floors"] if args.floors else [])]
+               "--size", str(args.size), "--threads", str(args.threads), *(["--floors"] if args.floors else []),
+               *(["--amp", args.amp] if args.amp else []), *(["--channels-last"] if args.channels_last else [])]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
@@ -280,7 +302,8 @@ def rows(name: str, mode: str, measured: Measured, device: torch.device) -> list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help="timm model names; 'demo' is the model 'icrewrite demo' trains (run it at 32x32, batch 64)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
     parser.add_argument("--rounds", type=int, default=15)
@@ -288,9 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants")
+    parser.add_argument("--compiled-only", action="store_true", help="time the torch.compile'd variants only")
     parser.add_argument("--floors", action="store_true",
                         help="also time the conversion with its IC blocks in eval mode and removed: what any IC "
                              "implementation costs at least, and what the other edits cost")
+    parser.add_argument("--amp", choices=sorted(AMP), help="train under autocast to this dtype")
+    parser.add_argument("--channels-last", action="store_true", help="model and batch in channels-last memory format")
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2 at 32x32, two rounds: checks the script runs")
     parser.add_argument("--resident-peaks", action="store_true", help=argparse.SUPPRESS)  # the child of resident_peaks
     args = parser.parse_args(argv)
@@ -306,11 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, timm {timm.__version__}, icrewrite {icrewrite.__version__}, "
           f"python {platform.python_version()}")
     print(f"{hardware} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {args.threads} thread(s); "
-          f"train step (forward, backward, SGD) batch {args.batch} at {args.size}x{args.size}; "
+          f"train step (forward, backward, SGD) batch {args.batch} at {args.size}x{args.size}"
+          f"{f', {args.amp} autocast' if args.amp else ''}{', channels-last' if args.channels_last else ''}; "
           f"{args.rounds} rounds, median of paired per-round ratios")
-    modes = (False, True) if args.compile else (False,)
+    modes = (True,) if args.compiled_only else (False, True) if args.compile else (False,)
     results = {(name, compiled): measure(name, args, device, compiled) for name in args.models for compiled in modes}
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.compiled_only:
         for name, peaks in resident_peaks(args).items():
             results[name, False].peak = peaks
     print("\n| model | mode | variant | original step (ms) | time ratio (wall) | time ratio (CPU) "

@@ -476,6 +476,21 @@ def test_benchmark_runs_in_its_quick_configuration(capsys, monkeypatch):
         assert len(ratios) >= 4 and all(0.1 < r < 10 for r in ratios)
 
 
+def test_benchmark_runs_under_autocast_in_channels_last(capsys, monkeypatch):
+    """The options the GPU check passes (benchmarks/gpu_check.sh), on CPU: bf16 autocast, channels-last."""
+    benchmark = load_benchmark(monkeypatch)
+    runs = benchmark.variants("resnet18", 32, torch.device("cpu"), compiled=False, amp=torch.bfloat16,
+                              channels_last=True)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert runs["IC"].forward_loss(x, torch.tensor([0, 1])).dtype == torch.float32  # cross-entropy autocasts up
+    assert runs["IC"].model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    benchmark.main(["--quick", "--amp", "bf16", "--channels-last"])
+    out = capsys.readouterr().out
+    assert "bf16 autocast, channels-last" in out
+    assert [line.split("|")[3].strip() for line in out.splitlines() if line.startswith("| resnet18 | eager |")] == [
+        "IC", "IC reference"]
+
+
 def test_benchmark_floors_do_no_training_mode_ic_work(monkeypatch):
     """Both floors compute the same training-mode function: IC blocks that are the identity in
     eval mode (a function-preserving conversion) normalise with fixed statistics and drop nothing."""

@@ -1,4 +1,4 @@
-"""Fast CPU training path of the IC block: BatchNorm + Dropout as one differentiable operator.
+"""Fast training path of the IC block: BatchNorm + Dropout as one differentiable operator (CPU; CUDA with Triton).
 
 Where the reference ``Dropout(BatchNorm(x))`` spends its time on CPU (torch.profiler,
 resnet18/50 train steps) and what this path does instead:
@@ -24,13 +24,23 @@ pass) instead of keeping it for the layer's weight gradient: the memory of that 
 the largest part of the IC block's cost in memory, is not held between forward and
 backward. Under ``torch.compile`` it is a custom operator too, whose backward draws the
 positions again from the seed. ``IC.forward`` and ``ICWeightLayer.forward`` use these
-paths in CPU training (see :func:`applies` and :func:`layer_call`); elsewhere they run
-the reference modules (cuDNN and the fused CUDA dropout kernel serve them on GPUs).
+paths in CPU training (see :func:`applies` and :func:`layer_call`).
+
+On CUDA tensors the same operators run the Triton kernels of
+:mod:`icrewrite.layers.triton_ic` instead of the positions: one pass normalises, scales and
+drops, and the mask is drawn again from its seed wherever it is needed (backward, the
+rebuilt output), so nothing of it is kept. ``CUDA_KERNELS`` (environment variable
+``ICREWRITE_CUDA_IC``) set to ``"reference"`` runs the reference modules on CUDA instead.
+Small tensors pay per call: where ``native_batch_norm`` computes the statistics, the same
+call also gives the output and updates the running statistics.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -56,6 +66,26 @@ _MIN_NUMEL = 2**16
 # cancellation. Up to this ratio its float32 error stays within a few times that of two
 # passes (about 1e-7 relative on post-ReLU activations, where the ratio is about 2).
 _MAX_ONE_PASS_RATIO = 8.0
+# What IC blocks in CUDA training run: "triton" (icrewrite.layers.triton_ic, the mask drawn again from its seed in
+# backward) or "reference" (the BatchNorm and Dropout modules: cuDNN, and what torch.compile fuses on its own).
+CUDA_KERNELS = os.environ.get("ICREWRITE_CUDA_IC", "triton")
+
+
+@functools.cache
+def _triton() -> ModuleType | None:
+    """:mod:`icrewrite.layers.triton_ic`, imported on first use (it imports Triton); ``None`` without Triton."""
+    try:
+        from . import triton_ic
+    except ImportError:
+        return None
+    return triton_ic
+
+
+def _uses_triton(x: torch.Tensor) -> bool:
+    """Whether the block runs the Triton kernels on ``x``: a CUDA tensor, contiguous or channels-last, with
+    ``CUDA_KERNELS`` set to them and Triton installed."""
+    kernels = _triton() if x.is_cuda and CUDA_KERNELS == "triton" else None
+    return kernels is not None and x.numel() <= kernels.MAX_NUMEL and kernels.feature_stride(x) is not None
 
 
 def dropped_positions(numel: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -121,54 +151,110 @@ def _two_pass_row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.div_(x.numel() // (batch * features))
 
 
-def _batch_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature batch ``(mean, biased variance)`` of ``x``, in the dtype BatchNorm with ``weight`` keeps them.
+@dataclass(frozen=True)
+class BatchStats:
+    """Per-feature batch statistics of an IC input: ``mean``, biased ``var`` and ``invstd = 1 / sqrt(var + eps)``.
 
-    Row reductions where they pay off, else training-mode ``native_batch_norm`` (whose
-    output is dropped; the variance is recovered from its ``invstd``).
+    Rebuilding the output takes ``var`` (``native_batch_norm`` in eval mode), its backward ``invstd``.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    invstd: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RunningStats:
+    """BatchNorm's running statistics and the momentum of this batch's update."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: float
+
+
+def _normalise(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, running: RunningStats | None,
+) -> tuple[torch.Tensor, BatchStats]:
+    """``x`` normalised with its batch statistics and mapped by ``scale`` and ``shift``, and those statistics;
+    updates ``running`` (where given) as BatchNorm does.
+
+    Row-reduction statistics where they pay off, then one eval-mode ``native_batch_norm``
+    pass; else one training-mode ``native_batch_norm`` call, which computes the statistics,
+    the output and the running update together (the fewest calls: small tensors pay per call).
     """
     if _row_stats_pay_off(x):
-        return _row_stats(x)
-    _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    return mean, invstd.pow_(-2).sub_(eps).clamp_min_(0.0)
+        mean, var = _row_stats(x)
+        if running is not None:
+            _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+        out = torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
+        return out, BatchStats(mean, var, var.add(eps).rsqrt_())
+    running_mean, running_var, momentum = (None, None, 0.0) if running is None else (
+        running.mean, running.var, running.momentum)
+    out, mean, invstd = torch.native_batch_norm(x, scale, shift, running_mean, running_var, True, momentum, eps)
+    return out, BatchStats(mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0), invstd)
+
+
+# The mask of a block: on the Triton path, a 0-d int64 tensor holding the seed its kernels draw it from; else the
+# dropped positions (a 1-d int64 tensor, see dropped_positions).
+
+def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The mask of a block on ``x`` drawn from ``seed``: the seed itself where its kernels are Triton's."""
+    return torch.tensor(seed) if _uses_triton(x) else dropped_positions(x.numel(), p, seed, x.device)
 
 
 def _dropout_output(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-    dropped: torch.Tensor, eps: float,
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stats: BatchStats, dropped: torch.Tensor, p: float,
+    eps: float,
 ) -> torch.Tensor:
-    """The IC output: ``x`` normalised with ``(mean, var)`` and mapped by ``scale`` and ``shift`` (the affine over the
-    keep probability) in one pass, the ``dropped`` positions zeroed. The same inputs give the same values."""
-    out = torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
+    """The IC output: ``x`` normalised with ``stats`` and mapped by ``scale`` and ``shift`` (the affine over the
+    keep probability) in one pass, the ``dropped`` mask applied. The same inputs give the same values."""
+    if dropped.dim() == 0:
+        return _triton().normalise_dropout(x, stats.mean, stats.invstd, scale, shift, p, int(dropped))
+    out = torch.native_batch_norm(x, scale, shift, stats.mean, stats.var, False, 0.0, eps)[0]
     _flat(out).index_fill_(0, dropped, 0.0)
     return out
 
 
 def _forward_kernel(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p: float, eps: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(output, batch mean, batch variance, dropped positions)`` of the IC block in training mode.
+    running: RunningStats | None = None,
+) -> tuple[torch.Tensor, BatchStats, torch.Tensor]:
+    """``(output, batch statistics, mask)`` of the IC block in training mode; updates ``running``.
 
     ``scale`` and ``shift`` are the BatchNorm affine divided by the keep probability ``1 - p``.
+    On the Triton path the statistics come first, then one pass normalises and drops.
     """
-    mean, var = _batch_stats(x, scale, shift, eps)
-    dropped = dropped_positions(x.numel(), p, seed, x.device)
-    return _dropout_output(x, scale, shift, mean, var, dropped, eps), mean, var, dropped
+    mask = _mask(x, p, seed)
+    if mask.dim() == 0:
+        mean, invstd = _triton().batch_stats(x, eps)
+        stats = BatchStats(mean, invstd.pow(-2).sub_(eps).clamp_min_(0.0), invstd)
+        if running is not None:
+            _update_running_stats(running, mean, stats.var, x.numel() // x.shape[1])
+        return _dropout_output(x, scale, shift, stats, mask, p, eps), stats, mask
+    out, stats = _normalise(x, scale, shift, eps, running)
+    _flat(out).index_fill_(0, mask, 0.0)
+    return out, stats, mask
 
 
-def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tensor, *, owned: bool) -> torch.Tensor:
-    """``grad`` with the dropped positions zeroed, laid out like ``output`` (whose memory order ``dropped`` indexes).
+def _zero_dropped(grad: torch.Tensor, output: torch.Tensor, dropped: torch.Tensor, p: float, *,
+                  owned: bool) -> torch.Tensor:
+    """``grad`` with the ``dropped`` mask applied, laid out like ``output`` (whose memory order the mask indexes).
 
     In place when ``grad`` is ``owned`` (no one else holds it) and laid out like ``output``.
     """
-    if not owned or grad.stride() != output.stride():
+    laid_out = grad.stride() == output.stride()
+    if dropped.dim() == 0 and laid_out:
+        return _triton().drop(grad, p, int(dropped), out=grad if owned else None)
+    if not (owned and laid_out):
         grad = torch.empty_like(output).copy_(grad)
+    if dropped.dim() == 0:
+        return _triton().drop(grad, p, int(dropped), out=grad)
     _flat(grad).index_fill_(0, dropped, 0.0)
     return grad
 
 
 def _backward_kernel(
-    kept_grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+    kept_grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
     p: float, eps: float, needs: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients for ``x`` and the BatchNorm weight and bias (where ``needs`` says) of :func:`_forward_kernel`'s output.
@@ -176,7 +262,6 @@ def _backward_kernel(
     ``kept_grad`` is the output's gradient with the dropped positions zeroed.
     """
     keep = 1.0 - p
-    invstd = var.add(eps).rsqrt_()
     grad_x, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
         kept_grad, x, scale, None, None, mean, invstd, True, eps, list(needs))
     return grad_x, _div(grad_scale, keep), _div(grad_shift, keep)
@@ -198,24 +283,24 @@ def _draw_seed() -> int:
 
 
 class _BatchNormDropout(torch.autograd.Function):
-    """Eager autograd: backward keeps the dropped positions (``8p`` bytes per element)."""
+    """Eager autograd: backward keeps the dropped positions (``8p`` bytes per element); forward updates the
+    running statistics."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running: RunningStats,
+                p: float, eps: float) -> torch.Tensor:
         scale, shift = _scaled_affine(weight, bias, p)
-        out, mean, var, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed())
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, scale, mean, var, dropped)
+        out, stats, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed(), running)
+        ctx.save_for_backward(x, scale, stats.mean, stats.invstd, dropped)
         ctx.p, ctx.eps = p, eps
-        return out, mean, var
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        x, scale, mean, var, dropped = ctx.saved_tensors
-        kept_grad = _zero_dropped(grad, x, dropped, owned=False)  # the forward output was laid out like x
-        return *_backward_kernel(kept_grad, x, scale, mean, var, ctx.p, ctx.eps), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, mean, invstd, dropped = ctx.saved_tensors
+        kept_grad = _zero_dropped(grad, x, dropped, ctx.p, owned=False)  # the forward output was laid out like x
+        return *_backward_kernel(kept_grad, x, scale, mean, invstd, ctx.p, ctx.eps), None, None, None
 
 
 # For torch.compile: custom operators, which it keeps whole (fake kernels give the shapes)
@@ -227,8 +312,8 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_forward_kernel` with the seed of its mask in place of the positions."""
     seed = _draw_seed()
-    out, mean, var, _ = _forward_kernel(x, *_scaled_affine(weight, bias, p), p, eps, seed)
-    return out, mean, var, torch.tensor(seed)
+    out, stats, _ = _forward_kernel(x, *_scaled_affine(weight, bias, p), p, eps, seed)
+    return out, stats.mean, stats.var, torch.tensor(seed)
 
 
 @_forward_op.register_fake
@@ -242,10 +327,9 @@ def _backward_op(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     seed: torch.Tensor, p: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_backward_kernel`, drawing the dropped positions again from ``seed``."""
-    dropped = dropped_positions(x.numel(), p, int(seed), x.device)
-    kept_grad = _zero_dropped(grad, x, dropped, owned=False)
-    return _backward_kernel(kept_grad, x, torch.div(weight, 1.0 - p), mean, var, p, eps)
+    """:func:`_backward_kernel`, drawing the mask again from ``seed``."""
+    kept_grad = _zero_dropped(grad, x, _mask(x, p, int(seed)), p, owned=False)
+    return _backward_kernel(kept_grad, x, torch.div(weight, 1.0 - p), mean, var.add(eps).rsqrt_(), p, eps)
 
 
 @_backward_op.register_fake
@@ -308,31 +392,22 @@ _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LINEAR = LinearCall()
 
 
-def _layer_forward_kernel(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
-    bias: torch.Tensor | None, p: float, eps: float, call: LayerCall, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(layer output, batch mean, batch variance, dropped positions)`` of an IC block and its layer in training mode."""
-    y, mean, var, dropped = _forward_kernel(x, *_scaled_affine(norm_weight, norm_bias, p), p, eps, seed)
-    return call.forward(y, weight, bias), mean, var, dropped
-
-
 def _layer_backward_kernel(
-    grad: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor,
-    var: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float,
-    call: LayerCall, needs: tuple[bool, ...],
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stats: BatchStats,
+    dropped: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float, call: LayerCall,
+    needs: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for ``x``, the BatchNorm weight and bias, the layer's weight and bias (where ``needs`` says) of
-    :func:`_layer_forward_kernel`'s output. Rebuilds the IC output from ``x`` (the same values) instead of keeping it."""
-    scale, shift = _scaled_affine(norm_weight, norm_bias, p)
-    y = _dropout_output(x, scale, shift, mean, var, dropped, eps)
+    ``call`` on :func:`_forward_kernel`'s output (``scale`` and ``shift``: the affine over the keep probability).
+    Rebuilds the IC output from ``x`` (the same values up to rounding) instead of keeping it."""
+    y = _dropout_output(x, scale, shift, stats, dropped, p, eps)
     norm_needs = needs[:3]
     grad_y, grad_weight, grad_bias = call.backward(grad, y, weight, has_bias, (any(norm_needs), *needs[3:5]))
     norm_grads = (None, None, None)
     if any(norm_needs):
-        kept_grad = _zero_dropped(grad_y, y, dropped, owned=True)
+        kept_grad = _zero_dropped(grad_y, y, dropped, p, owned=True)
         del y, grad_y  # one rebuilt output alive at a time
-        norm_grads = _backward_kernel(kept_grad, x, scale, mean, var, p, eps, norm_needs)
+        norm_grads = _backward_kernel(kept_grad, x, scale, stats.mean, stats.invstd, p, eps, norm_needs)
     return *norm_grads, grad_weight, grad_bias
 
 
@@ -341,21 +416,20 @@ class _NormDropoutLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, p: float, eps: float,
-                call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, mean, var, dropped = _layer_forward_kernel(x, norm_weight, norm_bias, weight, bias, p, eps, call,
-                                                        _draw_seed())
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, var, dropped, weight)
+                bias: torch.Tensor | None, running: RunningStats, p: float, eps: float, call: LayerCall) -> torch.Tensor:
+        scale, shift = _scaled_affine(norm_weight, norm_bias, p)
+        y, stats, dropped = _forward_kernel(x, scale, shift, p, eps, _draw_seed(), running)
+        ctx.save_for_backward(x, scale, shift, stats.mean, stats.var, stats.invstd, dropped, weight)
         ctx.p, ctx.eps, ctx.call, ctx.has_bias = p, eps, call, bias is not None
-        return out, mean, var
+        return call.forward(y, weight, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor, *unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        grads = _layer_backward_kernel(grad, *ctx.saved_tensors, ctx.has_bias, ctx.p, ctx.eps, ctx.call,
-                                       ctx.needs_input_grad[:5])
-        return *grads, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, shift, mean, var, invstd, dropped, weight = ctx.saved_tensors
+        grads = _layer_backward_kernel(grad, x, scale, shift, BatchStats(mean, var, invstd), dropped, weight,
+                                       ctx.has_bias, ctx.p, ctx.eps, ctx.call, ctx.needs_input_grad[:5])
+        return *grads, None, None, None, None
 
 
 # For torch.compile, the same as custom operators (like the lone block's above): the layer
@@ -377,11 +451,11 @@ def _layer_forward_op(
     bias: torch.Tensor | None, p: float, eps: float, stride: list[int], padding: list[int], dilation: list[int],
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_layer_forward_kernel` with the seed of its mask in place of the positions."""
+    """The IC block (:func:`_forward_kernel`) then the layer, with the seed of its mask in place of the positions."""
     seed = _draw_seed()
-    out, mean, var, _ = _layer_forward_kernel(x, norm_weight, norm_bias, weight, bias, p, eps,
-                                              _call_of(stride, padding, dilation, groups), seed)
-    return out, mean, var, torch.tensor(seed)
+    y, stats, _ = _forward_kernel(x, *_scaled_affine(norm_weight, norm_bias, p), p, eps, seed)
+    out = _call_of(stride, padding, dilation, groups).forward(y, weight, bias)
+    return out, stats.mean, stats.var, torch.tensor(seed)
 
 
 @_layer_forward_op.register_fake
@@ -398,11 +472,11 @@ def _layer_backward_op(
     var: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor, has_bias: bool, p: float, eps: float,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_layer_backward_kernel` for every input, drawing the dropped positions again from ``seed``;
+    """:func:`_layer_backward_kernel` for every input, drawing the mask again from ``seed``;
     the bias gradient is empty for a layer without bias."""
-    dropped = dropped_positions(x.numel(), p, int(seed), x.device)
-    grads = _layer_backward_kernel(grad, x, norm_weight, norm_bias, mean, var, dropped, weight, has_bias, p, eps,
-                                   _call_of(stride, padding, dilation, groups), (True,) * 5)
+    stats = BatchStats(mean, var, var.add(eps).rsqrt_())
+    grads = _layer_backward_kernel(grad, x, *_scaled_affine(norm_weight, norm_bias, p), stats, _mask(x, p, int(seed)),
+                                   weight, has_bias, p, eps, _call_of(stride, padding, dilation, groups), (True,) * 5)
     return *grads[:4], grads[4] if has_bias else weight.new_empty(0)
 
 
@@ -450,13 +524,14 @@ def _exporting(x: torch.Tensor) -> bool:
 def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor, feature_dim: int = 1) -> bool:
     """Whether the fast path computes ``drop(norm(x))`` for this call (features along ``feature_dim`` of ``x``).
 
-    True in CPU training (eager or compiled), for a plain affine BatchNorm that tracks running
+    True in CPU training and in CUDA training where the Triton kernels apply (:func:`_uses_triton`), eager or
+    compiled, for a plain affine BatchNorm that tracks running
     statistics (not SyncBatchNorm or another subclass with its own forward), an
     ``nn.Dropout`` with ``0 < p < 1``, more than one value per feature, and no hooks on
     either module.
     """
     return (
-        norm.training and drop.training and not _exporting(x) and x.device.type == "cpu"
+        norm.training and drop.training and not _exporting(x) and (x.device.type == "cpu" or _uses_triton(x))
         and isinstance(norm, _BatchNorm) and type(norm).forward is _BatchNorm.forward
         and norm.affine and norm.track_running_stats
         and type(drop) is nn.Dropout and 0.0 < drop.p < 1.0
@@ -473,7 +548,7 @@ def layer_call(ic: nn.Module, layer: nn.Module, base: type[nn.Module]) -> LayerC
     registered on ``ic`` itself, which a fused call would skip. The IC's own fast path
     must apply too (:func:`applies`).
     """
-    if torch.is_autocast_enabled("cpu") or _hooked(ic):
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") or _hooked(ic):
         return None
     if base is nn.Linear:
         return _LINEAR
@@ -488,14 +563,11 @@ def _count_batch(norm: _BatchNorm) -> float:
     return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
 
 
-def _update_running_stats(
-    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int,
-    momentum: float,
-) -> None:
+def _update_running_stats(running: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """BatchNorm's update of the running statistics from the batch ones (unbiased variance)."""
     with torch.no_grad():
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_(var * (count / (count - 1)), momentum)
+        running.mean.lerp_(mean, running.momentum)
+        running.var.lerp_(var * (count / (count - 1)), running.momentum)
 
 
 def batch_norm_dropout(
@@ -507,11 +579,11 @@ def batch_norm_dropout(
     For ``x`` of shape ``(N, C, *)`` on CPU and ``0 < p < 1``; updates the running
     statistics in place. Differentiable once in ``x``, ``weight`` and ``bias``.
     """
-    if torch.compiler.is_compiling():
-        out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
-    else:
-        out, mean, var = _BatchNormDropout.apply(x, weight, bias, p, eps)
-    _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    running = RunningStats(running_mean, running_var, momentum)
+    if not torch.compiler.is_compiling():
+        return _BatchNormDropout.apply(x, weight, bias, running, p, eps)
+    out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
+    _update_running_stats(running, mean, var, x.numel() // x.shape[1])
     return out
 
 
@@ -532,10 +604,9 @@ def norm_dropout_layer(
     (which the operation before keeps anyway), per-feature statistics and the dropped
     positions. Differentiable once.
     """
-    momentum = _count_batch(norm)
-    if torch.compiler.is_compiling():
-        out, mean, var, _ = _layer_forward_op(x, norm.weight, norm.bias, weight, bias, p, norm.eps, *_call_args(call))
-    else:
-        out, mean, var = _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, p, norm.eps, call)
-    _update_running_stats(norm.running_mean, norm.running_var, mean, var, x.numel() // x.shape[1], momentum)
+    running = RunningStats(norm.running_mean, norm.running_var, _count_batch(norm))
+    if not torch.compiler.is_compiling():
+        return _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, running, p, norm.eps, call)
+    out, mean, var, _ = _layer_forward_op(x, norm.weight, norm.bias, weight, bias, p, norm.eps, *_call_args(call))
+    _update_running_stats(running, mean, var, x.numel() // x.shape[1])
     return out

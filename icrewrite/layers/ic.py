@@ -71,9 +71,10 @@ class IC(nn.Module):
         eps, momentum: as in ``nn.BatchNorm2d``.
 
     In eval mode it is the per-feature affine map returned by :meth:`affine`. In CPU
-    training it runs the fused path of :mod:`icrewrite.fast_ic` where that applies (same
-    values, running statistics and gradients; a cheaper mask); set ``fast = False`` on an
-    instance or on the class for the reference ``Dropout(BatchNorm(x))`` modules.
+    training, and in CUDA training with Triton, it runs the fused path of
+    :mod:`icrewrite.layers.fast` where that applies (same values, running statistics and
+    gradients; a cheaper mask); set ``fast = False`` on an instance or on the class for the
+    reference ``Dropout(BatchNorm(x))`` modules.
     """
 
     fast: bool = True
@@ -145,8 +146,8 @@ class IC(nn.Module):
 class ICWeightLayer(nn.Module):
     """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer.
 
-    In CPU training a plain convolution or ``Linear`` and its IC block run as one operator
-    (:func:`icrewrite.fast_ic.norm_dropout_layer`): the same values, statistics and
+    In CPU training (and CUDA training with Triton) a plain convolution or ``Linear`` and its IC block run as one
+    operator (:func:`icrewrite.layers.fast.norm_dropout_layer`): the same values, statistics and
     gradients, but backward rebuilds the IC output instead of keeping it.
     """
 
