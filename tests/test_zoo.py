@@ -115,6 +115,17 @@ def test_real_check_skips_models_over_the_budget_and_picks_a_small_input():
     assert record["status"] == "ok" and record["input_size"] == [3, 32, 32], record["failures"]
 
 
+def test_drop_path_rates_read_with_item_keep_the_model_on_meta(monkeypatch):
+    """timm up to 1.0.2x: ``[x.item() for x in torch.linspace(0, drop_path_rate, depth)]`` in the builder."""
+    def reads_rates(entry, **kwargs):
+        rates = [x.item() for x in torch.linspace(0, 0.1, 3)]
+        return nn.Sequential(*(nn.Dropout(rate) for rate in rates), nn.Linear(8, 8))
+
+    monkeypatch.setattr(zoo, "build", reads_rates)
+    model, device = build_on_meta(Entry("timm", "rates", "fake"))
+    assert device == "meta" and model[-1].weight.is_meta and model[1].p == pytest.approx(0.05)
+
+
 def test_a_cpu_build_over_the_budget_is_stopped_and_recorded_as_skipped(monkeypatch):
     """Builders that need real tensors are built on the CPU; a big one is stopped as its parameters are made."""
     def needs_real_tensors(entry, **kwargs):

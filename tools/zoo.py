@@ -43,6 +43,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from icrewrite import convert
@@ -120,14 +121,25 @@ def parameter_budget(max_params: float) -> Iterator[None]:
         handle.remove()
 
 
+class _LinspaceOnCPU(TorchFunctionMode):
+    """``torch.linspace`` without a device runs on the CPU: builders take their drop-path rates
+    from it with ``.item()`` or ``.tolist()`` (most timm models up to 1.0.2x), which a meta
+    tensor cannot give. No weight is made by it, so the model stays on ``meta``."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
 def build_on_meta(entry: Entry, cpu_max_params: float = CPU_BUILD_MAX_PARAMS) -> tuple[nn.Module, str]:
-    """The model on ``meta``, or on the CPU for the few builders that compute their
-    configuration with tensors (torchvision's RegNets call ``.tolist()``; in timm up to
-    1.0.20 at least, ConViT, CrossViT, Hiera and others take their drop-path rates from
-    ``torch.linspace(...)`` with ``.item()``); and that device. A CPU build of more than
+    """The model on ``meta`` (drop-path rates computed on the CPU, :class:`_LinspaceOnCPU`), or on
+    the CPU for the few builders that compute their configuration with other tensors
+    (torchvision's RegNets call ``.tolist()``); and that device. A CPU build of more than
     ``cpu_max_params`` parameters is stopped with :class:`OverCPUBudget`."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _LinspaceOnCPU():
             return build(entry), "meta"
     except NotImplementedError:  # "Cannot copy out of meta tensor"
         pass
