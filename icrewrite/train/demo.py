@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checkpoint import create_timm_model
 from ..deploy import ExportReport, export_onnx
 from ..errors import ICRewriteError
 from ..rewrite import convert
@@ -113,7 +113,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = FULL, *, progress:
     out_dir = Path(out_dir)
     _require_empty(out_dir)
     torch.manual_seed(config.seed)
-    model = timm.create_model(config.model, num_classes=10, **config.model_args)
+    model = create_timm_model(config.model, num_classes=10, **config.model_args)  # records its arguments for save
     train, test = digits_loaders(config.batch_size, config.img_size)
     log(f"{config.model} and its IC version, {config.epochs} epoch(s) on digits at {config.img_size}x{config.img_size}")
     comparison = compare(model, train, test, out_dir, p=config.p, log=log, epochs=config.epochs, lr=config.lr,
