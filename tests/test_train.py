@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,8 @@ from icrewrite.errors import CheckpointError
 from icrewrite.train.data import digits_loaders
 from icrewrite.train.loop import STATE_FILE, LossNotFinite, TrainingError, finetune
 
-REPO = Path(__file__).resolve().parents[1]
+from test_examples import subprocess_env
+
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
 
 # One training run as its own process: the way a user's job runs, so it can be killed.
@@ -73,12 +73,8 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def _start(script: Path, out: Path, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=_env(), stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=subprocess_env(), stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -188,7 +184,7 @@ def test_killed_run_resumes_to_the_same_parameters(script: Path, tmp_path: Path)
 def test_two_gloo_ranks_end_with_identical_parameters(script: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(script), str(tmp_path), "ddp"]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
