@@ -143,7 +143,7 @@ def build_on_meta(entry: Entry, cpu_max_params: float = CPU_BUILD_MAX_PARAMS) ->
             return build(entry), "meta"
     except NotImplementedError:  # "Cannot copy out of meta tensor"
         pass
-    except RuntimeError as err:  # "Tensor.item() cannot be called on meta tensors"
+    except (RuntimeError, TypeError) as err:  # ".item() cannot be called on meta tensors", torch.LongTensor(meta)
         if "meta" not in str(err):
             raise
     with parameter_budget(cpu_max_params):
