@@ -48,6 +48,7 @@ __all__ = [
     "create_timm_model",
     "load_model",
     "save",
+    "check_saveable",
     "load",
     "read_config",
     "check",
@@ -318,19 +319,29 @@ def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
         "records them")
 
 
-def _config(model: nn.Module, parity: Report | None, model_args: Mapping[str, Any] | None = None
-            ) -> dict[str, Any]:
+def _rebuild_config(model: nn.Module, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``load`` rebuilds ``model`` from: timm's config and how the model was converted.
+    Raises ``CheckpointError`` for a model that no file could rebuild (see :func:`_check_rebuilds`)."""
     config = _timm_config(model, model_args)
-    x = example_input(model, batch_size=1)
-    config["icrewrite"] = {
-        "version": __version__,
-        "options": options_of(model),
-        "plan": getattr(model, "icrewrite_plan", None),
-        "parity": None if parity is None else parity.to_dict(),
-        "probe": {"input_size": list(x.shape[1:]), "seed": 0, "values": _probe(model, x)},
-    }
+    config["icrewrite"] = {"version": __version__, "options": options_of(model),
+                           "plan": getattr(model, "icrewrite_plan", None)}
     if not model_args_recorded(model):
         _check_rebuilds(model, config)
+    return config
+
+
+def check_saveable(model: nn.Module, model_args: Mapping[str, Any] | None = None) -> None:
+    """Raise the ``CheckpointError`` that ``save(model, ..., model_args=model_args)`` would raise,
+    without writing anything: work that saves its result (``finetune``) is refused before it starts."""
+    _rebuild_config(model, model_args)
+
+
+def _config(model: nn.Module, parity: Report | None, model_args: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+    config = _rebuild_config(model, model_args)
+    x = example_input(model, batch_size=1)
+    config["icrewrite"].update(parity=None if parity is None else parity.to_dict(),
+                               probe={"input_size": list(x.shape[1:]), "seed": 0, "values": _probe(model, x)})
     return config
 
 

@@ -3,7 +3,9 @@ each, BatchNorm -> activation patterns and why each one can or cannot fold, sour
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, DropPath, StdConv2d
 from torch import nn
@@ -252,3 +254,36 @@ def test_source_looks_through_passthrough_layers_after_the_activation_and_keeps_
     name, act = analyse(After()).layers["conv2"].source
     t = torch.linspace(-3, 3, 13)
     assert name == "bn" and torch.equal(act(t), F.leaky_relu(t, 0.3))
+
+
+# --- the model is left as it was ------------------------------------------------------------------
+
+def _proxies_in(model: nn.Module) -> list[str]:
+    """Module attributes, and the items of dicts and lists held in them, that are torch.fx proxies."""
+    found = []
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            found += [f"{name}.{key}" for item in items if isinstance(item, fx.Proxy)]
+    return found
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["empty-cache", "filled-cache"])
+def test_planning_leaves_what_a_forward_caches_as_it_was(cached):
+    """EfficientFormerV2's attention caches its bias per device in eval mode: tracing must not leave a proxy
+    there (the next forward would return it), nor drop a cache a real forward filled."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformerv2_s0", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    expected = model(x) if cached else None
+    caches = {name: dict(m.attention_bias_cache) for name, m in model.named_modules()
+              if hasattr(m, "attention_bias_cache")}
+    assert caches and all(bool(c) == cached for c in caches.values())
+    icrewrite.plan(model)
+    assert not _proxies_in(model)
+    assert caches == {name: dict(model.get_submodule(name).attention_bias_cache) for name in caches}
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    if cached:
+        torch.testing.assert_close(out, expected)

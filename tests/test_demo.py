@@ -1,7 +1,6 @@
 """``icrewrite demo --quick`` end to end: a comparison over seeds, its verdict and the ONNX export."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +16,13 @@ from icrewrite.train.demo import QUICK, run_demo
 from icrewrite.errors import ICRewriteError
 from icrewrite.layers import ICWeightLayer
 
-REPO = Path(__file__).resolve().parents[1]
+from test_examples import subprocess_env
+
 
 
 def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "icrewrite.cli", "demo", "--quick", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["baseline", "ic"]

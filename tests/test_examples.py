@@ -11,11 +11,15 @@ from test_data import write_digits_folder
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_example(script: str, *args: str) -> str:
-    # the repository first, then the caller's path (which may name the timm under test)
+def subprocess_env() -> dict[str, str]:
+    """The environment of a script run as a user would: this repository first, then the caller's
+    path (which may name the timm under test), one thread."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], env=env, capture_output=True,
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def run_example(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], env=subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout

@@ -63,8 +63,12 @@ def test_only_the_layers_asked_about_are_watched():
 def test_the_model_runs_on_meta_in_eval_mode_and_is_left_as_it_was(training):
     model = Probed().train(training)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    spy = model.register_forward_pre_hook(lambda m, args: calls.append((args[0].shape, args[0].device, m.training)))
     assert probe_weight_use(model, ["a", "b", "c"], input_size=(16,)) is not None
-    assert model.seen == [(torch.Size([2, 16]), torch.device("meta"), False)]
+    spy.remove()
+    assert calls == [(torch.Size([2, 16]), torch.device("meta"), False)]
+    assert model.seen == []  # what the forward put in a plain attribute is undone
     assert model.training is training and all(m.training is training for m in model.modules())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(not t.is_meta for t in model.state_dict().values())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,14 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import icrewrite
 from icrewrite.checkpoint import create_timm_model
+from icrewrite.compat import TIMM_RECORDS_MODEL_ARGS
+from icrewrite.errors import CheckpointError
 from icrewrite.train.data import digits_loaders
 from icrewrite.train.loop import STATE_FILE, LossNotFinite, TrainingError, finetune
 
-REPO = Path(__file__).resolve().parents[1]
+from test_examples import subprocess_env
+
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
 
 # One training run as its own process: the way a user's job runs, so it can be killed.
@@ -70,12 +73,8 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def _start(script: Path, out: Path, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=_env(), stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=subprocess_env(), stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -105,6 +104,29 @@ def test_finetune_learns_and_writes_its_files(tmp_path: Path) -> None:
     assert torch.allclose(icrewrite.load(tmp_path / "last.safetensors")(x), model.eval()(x), atol=1e-5)
     best = icrewrite.load(tmp_path / "best.safetensors")
     assert sum(p.numel() for p in best.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def _refusals(model: torch.nn.Module, tmp_path: Path) -> tuple[str, str]:
+    """What ``save`` and ``finetune`` say of ``model``; finetune must say it before it trains or writes anything."""
+    train, val = digits_loaders(batch_size=256, img_size=8)
+    with pytest.raises(CheckpointError) as by_save:
+        icrewrite.save(model, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as by_finetune:
+        finetune(model, train, val, tmp_path / "run", epochs=1, progress=False)
+    assert not (tmp_path / "run").exists()
+    return str(by_save.value), str(by_finetune.value)
+
+
+def test_a_model_save_refuses_is_refused_before_training(tmp_path: Path) -> None:
+    by_save, by_finetune = _refusals(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10)), tmp_path)
+    assert by_finetune == by_save and "only models made by timm.create_model" in by_save
+
+
+@pytest.mark.skipif(TIMM_RECORDS_MODEL_ARGS, reason="timm >= 1.0.31 records the builder arguments itself")
+def test_a_model_whose_file_would_rebuild_another_architecture_is_refused_before_training(tmp_path: Path) -> None:
+    """timm <= 1.0.30 does not record ``stem_width=8``: no checkpoint could rebuild the model."""
+    by_save, by_finetune = _refusals(timm.create_model("resnet18", **TINY), tmp_path)
+    assert by_finetune == by_save and "would rebuild another architecture" in by_save
 
 
 def test_an_existing_run_is_not_overwritten_and_resume_needs_the_same_options(tmp_path: Path) -> None:
@@ -162,7 +184,7 @@ def test_killed_run_resumes_to_the_same_parameters(script: Path, tmp_path: Path)
 def test_two_gloo_ranks_end_with_identical_parameters(script: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(script), str(tmp_path), "ddp"]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -114,6 +115,33 @@ def test_real_check_skips_models_over_the_budget_and_picks_a_small_input():
     assert record["status"] == "ok" and record["input_size"] == [3, 32, 32], record["failures"]
 
 
+def test_drop_path_rates_read_with_item_keep_the_model_on_meta(monkeypatch):
+    """timm up to 1.0.2x: ``[x.item() for x in torch.linspace(0, drop_path_rate, depth)]`` in the builder."""
+    def reads_rates(entry, **kwargs):
+        rates = [x.item() for x in torch.linspace(0, 0.1, 3)]
+        return nn.Sequential(*(nn.Dropout(rate) for rate in rates), nn.Linear(8, 8))
+
+    monkeypatch.setattr(zoo, "build", reads_rates)
+    model, device = build_on_meta(Entry("timm", "rates", "fake"))
+    assert device == "meta" and model[-1].weight.is_meta and model[1].p == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Tensor.item() cannot be called on meta tensors"),
+                                   TypeError("expected TensorOptions(device=cpu) (got TensorOptions(device=meta))")])
+def test_a_cpu_build_over_the_budget_is_stopped_and_recorded_as_skipped(monkeypatch, error):
+    """Builders that need real tensors are built on the CPU; a big one is stopped as its parameters are made."""
+    def needs_real_tensors(entry, **kwargs):
+        if torch.empty(0).is_meta:
+            raise error
+        return nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 100), nn.Linear(100, 100))
+
+    monkeypatch.setattr(zoo, "build", needs_real_tensors)
+    entry = Entry("timm", "big", "fake")
+    assert build_on_meta(entry, cpu_max_params=1e6)[1] == "cpu"
+    record = zoo._run_one(lambda entry: build_on_meta(entry, cpu_max_params=15_000), entry, {})
+    assert record["status"] == "skipped" and "over the CPU budget" in record["reason"]
+
+
 def test_input_size_is_doubled_until_the_model_runs():
     assert _input_sizes({"input_size": (3, 299, 299)}, 32) == [(3, 32, 32), (3, 64, 64), (3, 128, 128),
                                                               (3, 256, 256), (3, 299, 299)]
@@ -130,17 +158,20 @@ def fake_check(entry: Entry) -> dict:
         time.sleep(600)
     if entry.name == "die":
         os._exit(3)
+    if entry.name == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
     if entry.name == "raise":
         raise ValueError("broken model")
     return {"status": "ok", "pid": os.getpid()}
 
 
 def test_hanging_and_crashing_models_are_recorded_and_the_sweep_goes_on():
-    entries = [Entry("timm", name, "fake") for name in ("a", "hang", "die", "raise", "b")]
+    entries = [Entry("timm", name, "fake") for name in ("a", "hang", "die", "killed", "raise", "b")]
     records = {r["name"]: r for r in run_isolated(fake_check, entries, workers=2, timeout=5)}
     assert {name: r["status"] for name, r in records.items()} == {
-        "a": "ok", "hang": "timeout", "die": "crash", "raise": "error", "b": "ok"}
+        "a": "ok", "hang": "timeout", "die": "crash", "killed": "crash", "raise": "error", "b": "ok"}
     assert "exit code 3" in records["die"]["reason"] and "broken model" in records["raise"]["reason"]
+    assert "killed by SIGKILL" in records["killed"]["reason"]
     assert records["a"]["pid"] != os.getpid()
 
 

@@ -11,12 +11,16 @@ of the converted model carries an IC block. ``--real`` runs :func:`icrewrite.tes
 of its input, backward) on every model within the parameter budget, at the smallest input it runs at.
 
 Each model runs in a worker process with a timeout: a model that hangs or kills its
-worker is recorded as a failure and the sweep goes on. Results are appended to a JSON
+worker is recorded as a failure with its reason (the signal, when the worker was killed)
+and the sweep goes on. A model whose builder needs real tensors is built on the CPU, up to
+``CPU_BUILD_MAX_PARAMS`` parameters; a bigger one is stopped as it is built and recorded as
+``skipped``. Results are appended to a JSON
 lines file as they come, so an interrupted sweep resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
@@ -24,6 +28,7 @@ import itertools
 import json
 import multiprocessing
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -38,6 +43,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from icrewrite import convert
@@ -86,19 +92,62 @@ def build(entry: Entry, **kwargs: Any) -> nn.Module:
     return torchvision.models.get_model(entry.name, weights=None, **kwargs)
 
 
-def build_on_meta(entry: Entry) -> tuple[nn.Module, str]:
-    """The model on ``meta``, or on the CPU for the few builders that compute their
-    configuration with tensors (torchvision's RegNets call ``.tolist()``; in timm up to
-    1.0.20 at least, ConViT, CrossViT, Hiera and others take their drop-path rates from
-    ``torch.linspace(...)`` with ``.item()``); and that device."""
+class OverCPUBudget(Exception):
+    """A model that cannot be built on ``meta`` and has more parameters than a CPU build may allocate."""
+
+
+# Parameters a CPU build may allocate when the meta build is impossible: beyond it the build and
+# its initialisation take minutes and gigabytes (eva_giant, eva02_enormous); torchvision's
+# regnet_y_128gf (644M) fits.
+CPU_BUILD_MAX_PARAMS = 1e9
+
+
+@contextlib.contextmanager
+def parameter_budget(max_params: float) -> Iterator[None]:
+    """Raise :class:`OverCPUBudget` as soon as the modules built inside have registered more than
+    ``max_params`` parameters: before the model is initialised, so an over-budget build stops early."""
+    registered = 0
+
+    def count(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        nonlocal registered
+        registered += param.numel() if param is not None else 0
+        if registered > max_params:
+            raise OverCPUBudget(f"builder needs real tensors and the model is over the CPU budget "
+                                f"(> {max_params / 1e6:.0f}M parameters)")
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
     try:
-        with torch.device("meta"):
+        yield
+    finally:
+        handle.remove()
+
+
+class _LinspaceOnCPU(TorchFunctionMode):
+    """``torch.linspace`` without a device runs on the CPU: builders take their drop-path rates
+    from it with ``.item()`` or ``.tolist()`` (most timm models up to 1.0.2x), which a meta
+    tensor cannot give. No weight is made by it, so the model stays on ``meta``."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def build_on_meta(entry: Entry, cpu_max_params: float = CPU_BUILD_MAX_PARAMS) -> tuple[nn.Module, str]:
+    """The model on ``meta`` (drop-path rates computed on the CPU, :class:`_LinspaceOnCPU`), or on
+    the CPU for the few builders that compute their configuration with other tensors
+    (torchvision's RegNets call ``.tolist()``); and that device. A CPU build of more than
+    ``cpu_max_params`` parameters is stopped with :class:`OverCPUBudget`."""
+    try:
+        with torch.device("meta"), _LinspaceOnCPU():
             return build(entry), "meta"
     except NotImplementedError:  # "Cannot copy out of meta tensor"
-        return build(entry), "cpu"
-    except RuntimeError as err:  # "Tensor.item() cannot be called on meta tensors"
+        pass
+    except (RuntimeError, TypeError) as err:  # ".item() cannot be called on meta tensors", torch.LongTensor(meta)
         if "meta" not in str(err):
             raise
+    with parameter_budget(cpu_max_params):
         return build(entry), "cpu"
 
 
@@ -243,6 +292,8 @@ def _run_one(check: Callable[..., Record], entry: Entry, kwargs: dict[str, Any])
     start, cpu = time.perf_counter(), time.process_time()
     try:
         record = check(entry, **kwargs)
+    except OverCPUBudget as exc:  # not checked: recorded with its reason
+        record = {"status": "skipped", "reason": str(exc)}
     except Exception as exc:  # a model that breaks the check is a result, not a crash of the sweep
         record = {"status": "error", "reason": _error(exc), "where": _where(exc)}
     return {**dataclasses.asdict(entry), **record, "seconds": round(time.perf_counter() - start, 3),
@@ -258,6 +309,15 @@ def _worker(conn: Connection, threads: int) -> None:
         if task is None:
             return
         conn.send(_run_one(*task))
+
+
+def _death(exitcode: int) -> str:
+    """How a worker ended: its exit code, or the signal that killed it (SIGKILL, where nothing in the
+    sweep sends one, is most often the system's out-of-memory killer)."""
+    if exitcode >= 0:
+        return f"worker died (exit code {exitcode})"
+    killer = signal.Signals(-exitcode)
+    return f"worker killed by {killer.name}" + (" (out of memory?)" if killer == signal.SIGKILL else "")
 
 
 # --- the process pool --------------------------------------------------------------------------
@@ -278,7 +338,8 @@ def run_isolated(check: Callable[..., Record], entries: Iterable[Entry], *, work
     A model running past ``timeout`` seconds gets its worker killed and a ``timeout``
     record; a worker that dies (segfault, out of memory) gives a ``crash`` record. Either
     way a new worker takes its place and the sweep goes on. Records come in completion order.
-    A worker that dies before it is ready (a broken import) stops the sweep with ``RuntimeError``.
+    A worker that exits before it is ready (a broken import) stops the sweep with ``RuntimeError``;
+    one killed by a signal then (out of memory while another worker builds) is replaced.
     """
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
     pending = list(entries)
@@ -327,10 +388,10 @@ def run_isolated(check: Callable[..., Record], entries: Iterable[Entry], *, work
                             yield message
                             continue
                 if slot.process.sentinel in signalled and not slot.process.is_alive():
-                    if not slot.ready:
-                        raise RuntimeError(f"a sweep worker failed to start (exit code {slot.process.exitcode})")
+                    if not slot.ready and slot.process.exitcode >= 0:  # not killed from outside: it cannot start
+                        raise RuntimeError(f"a sweep worker failed to start ({_death(slot.process.exitcode)})")
                     if slot.entry is not None:
-                        yield failed(slot, "crash", f"worker died (exit code {slot.process.exitcode})")
+                        yield failed(slot, "crash", _death(slot.process.exitcode))
                     replace(slot)
                 elif slot.entry is not None and time.perf_counter() - slot.started > timeout:
                     yield failed(slot, "timeout", f"no result within {timeout:g} s")

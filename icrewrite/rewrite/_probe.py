@@ -6,9 +6,8 @@ trace saw, one forward pass tells what an IC block on them would do: if the laye
 ``forward`` runs, its IC runs right before its weight; if only its weight is used (say
 by ``F.multi_head_attention_forward``), an IC on the module would never run. The pass
 uses ``torch.func.functional_call`` with ``meta`` stand-ins for every parameter and
-buffer, so it costs no memory or compute and leaves the model untouched: tensors that a
-forward caches in plain attributes (timm up to 1.0.2x: ConViT's ``GPSA.rel_indices``, made
-on the device of the meta stand-ins) are put back as they were.
+buffer, so it costs no memory or compute and leaves the model untouched: what a forward
+caches in plain attributes (made from the meta stand-ins) is put back as it was (``_kept``).
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from .. import model_info
+from ._kept import attributes_kept
 
 __all__ = ["Usage", "LayerWatch", "probe_weight_use"]
 
@@ -99,21 +99,6 @@ class _OutsideUse(LayerWatch):
                 self.outside.add(name)
 
 
-def _tensor_attributes(model: nn.Module) -> dict[tuple[nn.Module, str], torch.Tensor]:
-    """Tensors held in plain module attributes (not parameters, buffers or submodules)."""
-    return {(m, key): value for m in model.modules() for key, value in vars(m).items()
-            if isinstance(value, torch.Tensor)}
-
-
-def _restore_tensor_attributes(model: nn.Module, before: dict[tuple[nn.Module, str], torch.Tensor]) -> None:
-    """Undo what a forward pass cached in plain tensor attributes since ``before`` was taken."""
-    for (module, key), value in _tensor_attributes(model).items():
-        if (module, key) not in before:
-            delattr(module, key)
-        elif before[module, key] is not value:
-            setattr(module, key, before[module, key])
-
-
 def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[int, ...] | None = None
                      ) -> Usage | None:
     """Which of ``layers`` (module names) one forward pass calls, and whose weights it uses elsewhere.
@@ -127,14 +112,12 @@ def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[
     weights = {id(stand_ins[f"{name}.weight"]): name for name in modules if f"{name}.weight" in stand_ins}
     x = torch.empty(2, *(model_info.input_size(model, input_size) or model_info.DEFAULT_INPUT_SIZE), device="meta")
     was_training = model.training
-    cached = _tensor_attributes(model)
     try:
         model.eval()
-        with torch.no_grad(), _OutsideUse(modules, weights) as watch:
+        with torch.no_grad(), attributes_kept(model), _OutsideUse(modules, weights) as watch:
             torch.func.functional_call(model, stand_ins, (x,), strict=False)
     except Exception:  # data-dependent code cannot run on meta tensors: nothing learned
         return None
     finally:
         model.train(was_training)
-        _restore_tensor_attributes(model, cached)
     return Usage(watch.called, watch.outside)

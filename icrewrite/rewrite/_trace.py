@@ -7,7 +7,8 @@ inside a submodule (data-dependent control flow, say), that submodule becomes a 
 the trace is retried. Every leaf that holds weight layers of its own is then traced as a
 scope of its own, recursively; a scope that cannot be traced at all is recorded with its
 error and its children are tried one by one (containers such as ``nn.ModuleList`` have no
-``forward`` and are only looked into). Nothing here changes the model.
+``forward`` and are only looked into). Nothing here changes the model: what a traced
+``forward`` caches in plain attributes (proxies, in eval mode) is put back as it was (``_kept``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 from ..compat import get_notrace_functions, is_notrace_module
 from ..layers import IC, ICWeightLayer
 from ..registry import is_activation_module, is_batchnorm, is_passthrough_module, is_weight_layer
+from ._kept import attributes_kept
 
 __all__ = ["Scope", "trace_scopes"]
 
@@ -135,6 +137,11 @@ def _is_container(module: nn.Module) -> bool:
 
 def trace_scopes(model: nn.Module) -> list[Scope]:
     """All scopes of ``model``: the model itself first, then every leaf that holds weight layers."""
+    with attributes_kept(model):
+        return _trace_scopes(model)
+
+
+def _trace_scopes(model: nn.Module) -> list[Scope]:
     scopes: list[Scope] = []
     pending: list[tuple[str, nn.Module, bool]] = [("", model, True)]
     while pending:

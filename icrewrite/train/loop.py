@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..checkpoint import check_saveable
 from ..checkpoint import save as save_model
 from ..errors import LossNotFinite, TrainingError, require
 from ..files import atomic_path
@@ -449,10 +450,12 @@ def finetune(
     keywords (keywords win): ``finetune(model, train, val, "runs/a", epochs=5, lr=3e-4)``.
     The loaders' datasets, batch size (per process) and workers are used; their order is
     replaced by one fixed by ``seed`` and epoch, so that ``resume=True`` is exact.
-    Raises :class:`LossNotFinite` when the loss diverges.
+    Raises :class:`LossNotFinite` when the loss diverges, and before training the
+    ``CheckpointError`` that saving the model would raise.
     """
     config = dataclasses.replace(config or FinetuneConfig(), **options)
     require("matplotlib", "train")  # for metrics.png: say so before training, not after the first epoch
+    check_saveable(model)  # likewise for the checkpoints
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
     if state_path.exists() and not config.resume:
