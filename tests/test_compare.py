@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from icrewrite.train.compare import ComparisonError, compare, parse_variant, par
 from icrewrite.train.data import DigitsDataset
 from icrewrite.train.significance import (epochs_to, median_ratio, paired_difference, seeds_needed, t_interval)
 from test_data import write_digits_folder
+from test_examples import subprocess_env
 
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
 
@@ -270,8 +270,7 @@ def test_cli_compare_under_torchrun_two_gloo_ranks(tmp_path: Path) -> None:
                "icrewrite.cli", "compare", str(model), "--data", "digits", "--img-size", "16", "--epochs", "1",
                "--seeds", "2", "--timing-rounds", "2", "--variants", "baseline,ic:p=0.1", "--no-progress",
                "-o", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("ic:p=0.1 against baseline") == 1
     summary = json.loads((out / "compare.json").read_text())
