@@ -5,10 +5,11 @@ trained with the same step (forward, cross-entropy, backward, SGD with momentum)
 same random batch. Three variants: ``original``, ``IC`` (the fast IC path of
 ``icrewrite.layers.fast``, the default) and ``IC reference`` (``IC.fast = False``: the
 BatchNorm + Dropout modules, which ``torch.compile`` traces and Inductor fuses). With
-``--compile`` each variant is also timed wrapped in ``torch.compile``. With ``--floors``, two
+``--compile`` each variant is also timed wrapped in ``torch.compile``. With ``--floors``, three
 models that are not IC networks bound the cost from below: the conversion with its IC
-blocks in eval mode (one normalisation pass with fixed statistics and its backward: less
-work than any training-mode IC block, whatever its kernels) and with them removed.
+blocks without dropout (training-mode BatchNorm: what any IC block does before it draws and
+applies a mask), in eval mode (one normalisation pass with fixed statistics and its
+backward: less work than any training-mode IC block, whatever its kernels) and removed.
 
 Time: the variants run interleaved in one process, one step each per round, in
 alternating order; the ratio is the median over rounds of ``t(IC) / t(original)`` from
@@ -98,13 +99,16 @@ def create(name: str, size: int) -> nn.Module:
 
 def with_ic_blocks(model: nn.Module, role: str) -> nn.Module:
     """``model`` (converted) with every IC block in a ``role``: ``reference`` (the BatchNorm
-    and Dropout modules), or one of the floors: ``eval`` (normalisation by the running
-    statistics, no batch statistics, no mask: less work than any train-mode IC block) and
-    ``removed`` (the identity: what the conversion's other edits cost)."""
+    and Dropout modules), or one of the floors: ``no dropout`` (training-mode BatchNorm, no mask),
+    ``eval`` (normalisation by the running statistics, no batch statistics, no mask: less work
+    than any train-mode IC block) and ``removed`` (the identity: what the conversion's other
+    edits cost)."""
     for block in model.modules():
         if isinstance(block, IC):
             block.fast = False  # the modules' own forward, which the roles below change
-            if role == "eval":
+            if role == "no dropout":
+                block.drop.eval()
+            elif role == "eval":
                 block.norm.eval()
                 block.drop.eval()
             elif role == "removed":
@@ -115,7 +119,7 @@ def with_ic_blocks(model: nn.Module, role: str) -> nn.Module:
 def variants(name: str, size: int, device: torch.device, compiled: bool, floors: bool = False,
              amp: torch.dtype | None = None, channels_last: bool = False) -> dict[str, Variant]:
     """The original model, its IC conversion (fast path) and the IC reference path; with ``floors``
-    also the conversion with its IC blocks in eval mode and removed (see :func:`with_ic_blocks`).
+    also the conversion with its IC blocks without dropout, in eval mode and removed (see :func:`with_ic_blocks`).
     Trained under autocast to ``amp`` where given, in channels-last memory format with ``channels_last``."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -124,6 +128,7 @@ def variants(name: str, size: int, device: torch.device, compiled: bool, floors:
     models = {BASELINE: original, "IC": converted,
               "IC reference": with_ic_blocks(copy.deepcopy(converted), "reference")}
     if floors:
+        models["floor: IC blocks without dropout"] = with_ic_blocks(copy.deepcopy(converted), "no dropout")
         models["floor: IC blocks in eval mode"] = with_ic_blocks(copy.deepcopy(converted), "eval")
         models["floor: IC blocks removed"] = with_ic_blocks(copy.deepcopy(converted), "removed")
     if compiled:
@@ -313,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd variants")
     parser.add_argument("--compiled-only", action="store_true", help="time the torch.compile'd variants only")
     parser.add_argument("--floors", action="store_true",
-                        help="also time the conversion with its IC blocks in eval mode and removed: what any IC "
-                             "implementation costs at least, and what the other edits cost")
+                        help="also time the conversion with its IC blocks without dropout, in eval mode and removed: "
+                             "what any IC implementation costs at least, and what the other edits cost")
     parser.add_argument("--amp", choices=sorted(AMP), help="train under autocast to this dtype")
     parser.add_argument("--channels-last", action="store_true", help="model and batch in channels-last memory format")
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2 at 32x32, two rounds: checks the script runs")

@@ -64,13 +64,15 @@ def removed(layer: nn.Module) -> None:
 
 
 def damage(monkeypatch: pytest.MonkeyPatch, target: str, fault: Callable[[nn.Module], None]) -> dict[str, torch.Tensor]:
-    """Make ``convert`` damage the IC site ``target``; returns where the damaged block's input will be recorded."""
+    """Make ``convert`` damage the IC site ``target``; returns where the damaged block's inputs will be recorded
+    (``"train"`` and ``"eval"``: the last input in each mode)."""
     convert, seen = checks_module.convert, {}
 
     def damaging_convert(model: nn.Module, **options) -> nn.Module:
         converted = convert(model, **options)
         layer = converted.get_submodule(target)
-        layer.ic.register_forward_pre_hook(lambda ic, args: seen.__setitem__("input", args[0].detach()))
+        layer.ic.register_forward_pre_hook(
+            lambda ic, args: seen.__setitem__("train" if ic.training else "eval", args[0].detach()))
         fault(layer)
         return converted
 
@@ -109,8 +111,9 @@ def test_se_gate_with_dead_channels_passes_and_fails_without_its_batchnorm(monke
 
     seen = damage(monkeypatch, "blocks.3.0.se.conv_expand", no_batchnorm)
     result = check_conversion(ghostnet(), x)
-    constant = seen["input"].flatten(1).T.var(1) == 0  # (features, samples): features constant over the batch
-    assert seen["input"].shape[0] == 4 and constant.any()
+    pooled = seen["eval"]  # (samples, features, 1, 1); in training, the masks upstream decide which are constant
+    constant = pooled.flatten(1).T.var(1) == 0  # (features, samples): features constant over the batch
+    assert pooled.shape[0] == 4 and constant.any()
     assert len(result.failures) == 1, result.failures
     assert result.failures[0].startswith(f"blocks.3.0.se.conv_expand: {FAULTS[no_batchnorm]}")
 

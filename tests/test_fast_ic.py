@@ -24,6 +24,22 @@ from icrewrite.registry import weight_layer_features
 from icrewrite.testing import randomize_norms
 
 P = 0.3  # large enough that a wrong mask shows in every comparison
+NATIVE_NUMEL = fast_ic._NATIVE_NUMEL  # the threshold the package ships with (the fixtures below change it)
+
+
+@pytest.fixture(autouse=True)
+def operators(monkeypatch):
+    """The tests' inputs are small: unless a test asks for ``path``, they run the operators (autograd Functions and
+    custom ops) that larger inputs run, not the native ops of small ones."""
+    monkeypatch.setattr(fast_ic, "_NATIVE_NUMEL", -1)
+
+
+@pytest.fixture(params=["operators", "native ops"])
+def path(request, monkeypatch):
+    """Both ways a CPU block trains: the operators, and the native autograd ops of small contiguous inputs."""
+    if request.param == "native ops":
+        monkeypatch.setattr(fast_ic, "_NATIVE_NUMEL", 2**62)
+    return request.param
 
 
 def ic_pair(features: int, feature_dim: int = 1, momentum: float | None = 0.1,
@@ -74,7 +90,7 @@ CASES = {
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("case", CASES)
-def test_fast_path_matches_reference_for_the_same_mask(case, momentum):
+def test_fast_path_matches_reference_for_the_same_mask(case, momentum, path):
     shape, feature_dim = CASES[case]
     fast, reference = ic_pair(shape[1] if feature_dim == 1 else shape[-1], feature_dim, momentum)
     check_against_reference(fast, reference, torch.randn(shape, dtype=torch.float64) * 3 + 2)
@@ -113,14 +129,16 @@ def test_statistics_stay_accurate_for_a_large_offset():
     torch.testing.assert_close(fast.norm.running_var, reference.norm.running_var, rtol=1e-3, atol=1e-9)
 
 
-@pytest.mark.parametrize("row_stats", [False, True])
-def test_gradcheck_float64(monkeypatch, row_stats):
-    if row_stats:
+@pytest.mark.parametrize("statistics", ["native ops", "native_batch_norm", "row reductions"])
+def test_gradcheck_float64(monkeypatch, statistics):
+    if statistics == "native ops":
+        monkeypatch.setattr(fast_ic, "_NATIVE_NUMEL", 2**62)
+    if statistics == "row reductions":
         monkeypatch.setattr(fast_ic, "_MIN_NUMEL", 0)
     x = torch.randn(3, 4, 4, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(4, dtype=torch.float64, requires_grad=True) + 0.5
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert fast_ic._row_stats_pay_off(x) == row_stats
+    assert fast_ic._row_stats_pay_off(x) == (statistics == "row reductions")
 
     def fixed_mask(x, weight, bias):
         torch.manual_seed(0)  # the same mask on every evaluation
@@ -128,6 +146,38 @@ def test_gradcheck_float64(monkeypatch, row_stats):
                                           weight, bias, p=P)
 
     assert torch.autograd.gradcheck(fixed_mask, (x, weight, bias))
+    if statistics == "native ops":  # native autograd ops: differentiable twice
+        assert torch.autograd.gradgradcheck(fixed_mask, (x, weight, bias))
+
+
+def test_small_inputs_run_as_native_ops_with_the_operators_mask(monkeypatch):
+    """Up to the size threshold a block runs as native ops and its layer on its own; above it, the fused operator.
+    Both draw the same mask from the same seed, so the same values, gradients and statistics come out."""
+    monkeypatch.setattr(fast_ic, "_NATIVE_NUMEL", NATIVE_NUMEL)
+    layer = with_ic(nn.Conv2d(8, 4, 3, padding=1), torch.float64)
+    small = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+
+    def fused(batch: int) -> bool:
+        return layer._fused_call(torch.empty(batch, 8, 4, 4, dtype=torch.float64)) is not None
+
+    assert not fused(NATIVE_NUMEL // (8 * 16)) and fused(NATIVE_NUMEL // (8 * 16) + 1)
+    assert layer._fused_call(small.transpose(2, 3)) is not None  # not contiguous: the operators
+    x = small.clone().requires_grad_()
+    double_backward = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)[0]
+    assert double_backward.requires_grad  # native ops: differentiable twice; the operators are once_differentiable
+
+    def run(threshold: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(fast_ic, "_NATIVE_NUMEL", threshold)
+        block = copy.deepcopy(layer)
+        x = small.clone().requires_grad_()
+        torch.manual_seed(5)  # the same seed, so the same mask
+        out = block(x)
+        out.backward(torch.ones_like(out))
+        assert x.grad is not None
+        return [out, x.grad, *(p.grad for p in block.parameters()), block.ic.norm.running_var]
+
+    for native, operator in zip(run(2**62), run(-1), strict=True):
+        torch.testing.assert_close(native, operator)
 
 
 def test_dropped_positions_are_a_bernoulli_process():
@@ -167,7 +217,7 @@ def test_eval_mode_is_the_affine_map_and_leaves_statistics():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_matches_reference(dtype):
+def test_autocast_matches_reference(dtype, path):
     fast, reference = ic_pair(16, dtype=torch.float32)
     x = torch.randn(4, 16, 32, 32) + 1
     with torch.autocast("cpu", dtype=dtype):
@@ -393,7 +443,7 @@ def test_pickle_and_deepcopy_keep_the_fast_path_and_its_switch():
     assert not torch.load(buffer, weights_only=False)[5].ic.fast
 
 
-def test_ddp_trains_through_the_fast_path(tmp_path):
+def test_ddp_trains_through_the_fast_path(tmp_path, path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = small_converted()
@@ -417,7 +467,8 @@ def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def test_compile_keeps_the_fast_path_in_one_graph():
+def test_compile_keeps_the_fast_path_in_one_graph(path):
+    """Compiled, the blocks are custom operators; eager, the operators or native ops: the same masks either way."""
     model = small_converted()
     explanation = torch._dynamo.explain(copy.deepcopy(model))(torch.randn(4, 3, 8, 8))
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
@@ -433,7 +484,7 @@ def test_compile_keeps_the_fast_path_in_one_graph():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_compiled_fused_layer_matches_eager(bias):
+def test_compiled_fused_layer_matches_eager(bias, path):
     layer = randomize_norms(attach_ic(nn.Conv2d(6, 4, 3, padding=1, stride=2, bias=bias), IC(6, p=0.2))).train()
     compiled = torch.compile(copy.deepcopy(layer))
     x = torch.randn(4, 6, 9, 9)
@@ -470,7 +521,8 @@ def test_benchmark_runs_in_its_quick_configuration(capsys, monkeypatch):
     load_benchmark(monkeypatch).main(["--quick", "--floors"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet18 | eager |")]
     assert [row.split("|")[3].strip() for row in rows] == [
-        "IC", "IC reference", "floor: IC blocks in eval mode", "floor: IC blocks removed"]
+        "IC", "IC reference", "floor: IC blocks without dropout", "floor: IC blocks in eval mode",
+        "floor: IC blocks removed"]
     for row in rows:
         ratios = [float(cell) for cell in row.strip("|").split("|")[4:9] if cell.strip() != "-"]  # time and memory
         assert len(ratios) >= 4 and all(0.1 < r < 10 for r in ratios)
@@ -491,9 +543,10 @@ def test_benchmark_runs_under_autocast_in_channels_last(capsys, monkeypatch):
         "IC", "IC reference"]
 
 
-def test_benchmark_floors_do_no_training_mode_ic_work(monkeypatch):
-    """Both floors compute the same training-mode function: IC blocks that are the identity in
-    eval mode (a function-preserving conversion) normalise with fixed statistics and drop nothing."""
+def test_benchmark_floors_do_what_they_say(monkeypatch):
+    """The eval-mode and removed floors compute the same training-mode function: IC blocks that are the identity in
+    eval mode (a function-preserving conversion) normalise with fixed statistics and drop nothing. The floor without
+    dropout normalises with batch statistics and draws no mask."""
     benchmark = load_benchmark(monkeypatch)
     runs = benchmark.variants("resnet18", 32, torch.device("cpu"), compiled=False, floors=True)
     x = torch.randn(4, 3, 32, 32)
@@ -502,10 +555,18 @@ def test_benchmark_floors_do_no_training_mode_ic_work(monkeypatch):
     assert not torch.allclose(outputs["IC"], outputs["floor: IC blocks removed"])
     blocks = [m for m in runs["floor: IC blocks in eval mode"].model.modules() if isinstance(m, IC)]
     assert blocks and not any(b.norm.training or b.drop.training for b in blocks)
+    without_dropout = runs["floor: IC blocks without dropout"].model
+    before = [b.norm.running_mean.clone() for b in without_dropout.modules() if isinstance(b, IC)]
+    torch.manual_seed(0)
+    first = without_dropout(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(without_dropout(x), first)  # no mask: nothing random
+    after = [b.norm.running_mean for b in without_dropout.modules() if isinstance(b, IC)]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))  # batch statistics, in training mode
 
 
 @pytest.mark.parametrize("layout", ["channel slice", "class token", "permuted"])
-def test_fast_path_normalises_inputs_of_any_layout(layout):
+def test_fast_path_normalises_inputs_of_any_layout(layout, path):
     """Res2Net-style convs get channel slices, a ViT head its class token: not contiguous."""
     x = {"channel slice": torch.randn(8, 12, 6, 6)[:, 4:10], "class token": torch.randn(8, 5, 6)[:, 0],
          "permuted": torch.randn(8, 6, 6, 6).permute(0, 1, 3, 2)}[layout]

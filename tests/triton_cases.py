@@ -24,9 +24,11 @@ SMALL_LAYERS = ["conv2d 1x1 strided, no bias", "conv2d grouped, dilated", "linea
 
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA tensors take the Triton path as they are; interpreted, CPU tensors are sent down it too."""
+    """CUDA tensors take the Triton path as they are; interpreted, CPU tensors are sent down it too (small ones
+    included, which on CPU run as native ops)."""
     if INTERPRETED:
         monkeypatch.setattr(fast_ic, "_uses_triton", lambda x: triton_ic.feature_stride(x) is not None)
+        monkeypatch.setattr(fast_ic, "_NATIVE_NUMEL", -1)
     elif not torch.cuda.is_available():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
 

@@ -31,8 +31,11 @@ On CUDA tensors the same operators run the Triton kernels of
 drops, and the mask is drawn again from its seed wherever it is needed (backward, the
 rebuilt output), so nothing of it is kept. ``CUDA_KERNELS`` (environment variable
 ``ICREWRITE_CUDA_IC``) set to ``"reference"`` runs the reference modules on CUDA instead.
-Small tensors pay per call: where ``native_batch_norm`` computes the statistics, the same
-call also gives the output and updates the running statistics.
+Small tensors pay per call, and the fewer calls a block makes the better: a small contiguous
+CPU input (``_NATIVE_NUMEL``) runs as native autograd ops instead (training-mode
+``F.batch_norm`` with the dropout scale in its affine, then the same dropped positions zeroed
+in place; backward keeps the output for the layer, as the reference modules do), and where ``native_batch_norm`` computes the statistics for the operators, the same call
+also gives the output and updates the running statistics.
 """
 from __future__ import annotations
 
@@ -66,6 +69,10 @@ _MIN_NUMEL = 2**16
 # cancellation. Up to this ratio its float32 error stays within a few times that of two
 # passes (about 1e-7 relative on post-ReLU activations, where the ratio is about 2).
 _MAX_ONE_PASS_RATIO = 8.0
+# CPU blocks on contiguous inputs of at most this many elements run as native autograd ops (_native_batch_norm_dropout):
+# fewer calls per block, where per-call costs outweigh what the operators save (measured per shape and per model on
+# mobilenetv3_small_100, resnet18 and the demo model: see docs/performance.md, "Small models on CPU").
+_NATIVE_NUMEL = 2**18
 # What IC blocks in CUDA training run: "triton" (icrewrite.layers.triton_ic, the mask drawn again from its seed in
 # backward) or "reference" (the BatchNorm and Dropout modules: cuDNN, and what torch.compile fuses on its own).
 CUDA_KERNELS = os.environ.get("ICREWRITE_CUDA_IC", "triton")
@@ -92,24 +99,25 @@ def dropped_positions(numel: int, p: float, seed: int, device: torch.device | st
     """Sorted ``int64`` indices in ``[0, numel)``, each present independently with probability ``p``.
 
     A Bernoulli process drawn as the gaps between its successes: geometric variables
-    ``floor(log(1 - U) / log(1 - p)) + 1`` from float64 uniforms ``U``, about ``p * numel``
-    of them, instead of one random number per element. The same ``seed`` gives the same
-    positions, so backward can regenerate them instead of keeping them.
+    ``floor(log(1 - U) / log(1 - p)) + 1``, about ``p * numel`` of them, instead of one random
+    number per element. ``U`` are float32 uniforms, like those ``nn.Dropout`` compares with
+    ``p``; the gaps are summed in ``int64``. The same ``seed`` gives the same positions, so
+    backward can regenerate them instead of keeping them.
     """
     generator = torch.Generator(device).manual_seed(seed)
     per_log_keep = 1.0 / math.log1p(-p)
     expected = numel * p
     batch = int(expected + 6.0 * math.sqrt(expected * (1.0 - p))) + 16  # rarely needs a second batch
-    chunks, last = [], -1.0
+    chunks, last = [], -1
     while True:
-        uniform = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
-        gaps = uniform.neg_().log1p_().mul_(per_log_keep).floor_().add_(1.0)
-        positions = gaps.cumsum_(0).add_(last)
-        count = int(torch.searchsorted(positions, float(numel)))
-        chunks.append(positions.narrow(0, 0, count))
+        uniform = torch.rand(batch, device=device, generator=generator)
+        gaps = uniform.neg_().add_(1.0).log_().mul_(per_log_keep).floor_().add_(1.0)  # 1 - U: exact in float32
+        positions = gaps.cumsum(0, dtype=torch.int64).add_(last)
+        count = int(torch.searchsorted(positions, numel))
+        chunks.append(positions[:count])
         if count < batch:
-            return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).long()
-        last = float(positions[-1])
+            return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        last = int(positions[-1])
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -539,16 +547,17 @@ def applies(norm: nn.Module, drop: nn.Module, x: torch.Tensor, feature_dim: int 
         and not _hooked(norm) and not _hooked(drop))
 
 
-def layer_call(ic: nn.Module, layer: nn.Module, base: type[nn.Module]) -> LayerCall | None:
+def layer_call(ic: nn.Module, layer: nn.Module, base: type[nn.Module], x: torch.Tensor) -> LayerCall | None:
     """How :func:`norm_dropout_layer` calls ``layer`` after its IC block ``ic``, or ``None`` where it does not fuse them.
 
     ``base`` is the layer's class before the IC swap: a plain ``Conv1d/2d/3d`` (zero padding
     given as sizes) or ``Linear`` fuses, subclasses with their own forward do not. None
-    under autocast (which casts the layer's input, not the block's) or where hooks are
-    registered on ``ic`` itself, which a fused call would skip. The IC's own fast path
-    must apply too (:func:`applies`).
+    under autocast (which casts the layer's input, not the block's), where hooks are
+    registered on ``ic`` itself, which a fused call would skip, and for an input ``x`` that
+    the block runs as native ops (small, see :func:`batch_norm_dropout`). The IC's own fast
+    path must apply too (:func:`applies`).
     """
-    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") or _hooked(ic):
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") or _hooked(ic) or _runs_natively(x):
         return None
     if base is nn.Linear:
         return _LINEAR
@@ -577,14 +586,38 @@ def batch_norm_dropout(
     """Training-mode ``F.dropout(F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), p)``.
 
     For ``x`` of shape ``(N, C, *)`` on CPU and ``0 < p < 1``; updates the running
-    statistics in place. Differentiable once in ``x``, ``weight`` and ``bias``.
+    statistics in place. Differentiable in ``x``, ``weight`` and ``bias``: once through the
+    operators, as often as autograd allows for small inputs, which run as native ops.
     """
+    if _runs_natively(x):
+        return _native_batch_norm_dropout(x, running_mean, running_var, weight, bias, p, momentum, eps)
     running = RunningStats(running_mean, running_var, momentum)
     if not torch.compiler.is_compiling():
         return _BatchNormDropout.apply(x, weight, bias, running, p, eps)
     out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
     _update_running_stats(running, mean, var, x.numel() // x.shape[1])
     return out
+
+
+def _runs_natively(x: torch.Tensor) -> bool:
+    """Whether the block on ``x`` runs as native autograd ops (:func:`_native_batch_norm_dropout`): a small contiguous
+    CPU tensor (``_NATIVE_NUMEL``) in eager mode."""
+    return (x.numel() <= _NATIVE_NUMEL and x.device.type == "cpu" and x.is_contiguous()
+            and not torch.compiler.is_compiling())
+
+
+def _native_batch_norm_dropout(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    p: float, momentum: float, eps: float,
+) -> torch.Tensor:
+    """:func:`batch_norm_dropout` as native autograd ops: training-mode ``F.batch_norm`` with the dropout scale in
+    the affine, then the dropped positions zeroed in place (``put_``), the same mask that the operators draw from the
+    same seed. The fewest calls per block; backward keeps what the reference modules keep, with the positions in
+    place of a float mask."""
+    keep = 1.0 - p
+    out = F.batch_norm(x, running_mean, running_var, weight / keep, bias / keep, True, momentum, eps)
+    dropped = dropped_positions(out.numel(), p, _draw_seed(), out.device)
+    return out.put_(dropped, out.new_zeros(()).expand(dropped.shape[0]))  # in place: batch_norm's backward keeps x, not out
 
 
 def norm_dropout(norm: _BatchNorm, p: float, x: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,7 @@ class ICWeightLayer(nn.Module):
         ic = self.ic
         if not (ic.fast and type(ic).forward is IC.forward and fast_ic.applies(ic.norm, ic.drop, x, ic.feature_dim)):
             return None
-        return fast_ic.layer_call(ic, self, ic_base(type(self)))
+        return fast_ic.layer_call(ic, self, ic_base(type(self)), x)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Rebuild through ic_class so that pickle (torch.save, multiprocessing) and
