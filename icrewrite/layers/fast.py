@@ -34,8 +34,9 @@ rebuilt output), so nothing of it is kept. ``CUDA_KERNELS`` (environment variabl
 Small tensors pay per call, and the fewer calls a block makes the better: a small contiguous
 CPU input (``_NATIVE_NUMEL``) runs as native autograd ops instead (training-mode
 ``F.batch_norm`` with the dropout scale in its affine, then the same dropped positions zeroed
-in place; backward keeps the output for the layer, as the reference modules do), and where ``native_batch_norm`` computes the statistics for the operators, the same call
-also gives the output and updates the running statistics.
+in place; backward keeps the output for the layer, as the reference modules do), and where
+``native_batch_norm`` computes the statistics for the operators, the same call also gives the
+output and updates the running statistics.
 """
 from __future__ import annotations
 
@@ -611,13 +612,14 @@ def _native_batch_norm_dropout(
     p: float, momentum: float, eps: float,
 ) -> torch.Tensor:
     """:func:`batch_norm_dropout` as native autograd ops: training-mode ``F.batch_norm`` with the dropout scale in
-    the affine, then the dropped positions zeroed in place (``put_``), the same mask that the operators draw from the
-    same seed. The fewest calls per block; backward keeps what the reference modules keep, with the positions in
-    place of a float mask."""
+    the affine, then the dropped positions zeroed in place (``put_``), the same mask that the operators draw from
+    the same seed. The fewest calls per block; backward keeps what the reference modules keep, with the positions
+    in place of a float mask."""
     keep = 1.0 - p
     out = F.batch_norm(x, running_mean, running_var, weight / keep, bias / keep, True, momentum, eps)
     dropped = dropped_positions(out.numel(), p, _draw_seed(), out.device)
-    return out.put_(dropped, out.new_zeros(()).expand(dropped.shape[0]))  # in place: batch_norm's backward keeps x, not out
+    # In place: batch_norm's backward keeps x, not out.
+    return out.put_(dropped, out.new_zeros(()).expand(dropped.shape[0]))
 
 
 def norm_dropout(norm: _BatchNorm, p: float, x: torch.Tensor) -> torch.Tensor:
