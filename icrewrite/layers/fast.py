@@ -615,8 +615,7 @@ def _native_batch_norm_dropout(
     the affine, then the dropped positions zeroed in place (``put_``), the same mask that the operators draw from
     the same seed. The fewest calls per block; backward keeps what the reference modules keep, with the positions
     in place of a float mask."""
-    keep = 1.0 - p
-    out = F.batch_norm(x, running_mean, running_var, weight / keep, bias / keep, True, momentum, eps)
+    out = F.batch_norm(x, running_mean, running_var, *_scaled_affine(weight, bias, p), True, momentum, eps)
     dropped = dropped_positions(out.numel(), p, _draw_seed(), out.device)
     # In place: batch_norm's backward keeps x, not out.
     return out.put_(dropped, out.new_zeros(()).expand(dropped.shape[0]))
