@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import nox
 
-# (torch, torchvision, timm): the newest tested, and the declared floors (torch 2.11 is also what
-# the GPU machines run; older torch is not declared: see docs/compatibility.md).
+# (torch, torchvision, timm): the newest tested, the declared floors (torch 2.8), and torch 2.11,
+# what the GPU machines run (older torch is not declared: see docs/compatibility.md).
 MATRIX = [
     ("2.14.1", "0.29.1", "1.0.31"),
     ("2.14.1", "0.29.1", "1.0.20"),
@@ -22,6 +22,7 @@ MATRIX = [
     ("2.14.1", "0.29.1", "1.0.9"),
     ("2.11.0", "0.26.0", "1.0.31"),
     ("2.11.0", "0.26.0", "1.0.9"),
+    ("2.8.0", "0.23.0", "1.0.31"),
 ]
 
 # One model of each kind the engine handles: plain ResNet, fused BatchNormAct, depthwise

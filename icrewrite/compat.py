@@ -11,11 +11,12 @@ Sections: timm (``timm>=1.0.9``, as ``pyproject.toml`` declares), then torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 __all__ = [
     # torch
     "is_exporting",
+    "onnx_export_without_draft",
     # timm
     "register_notrace_module",
     "is_notrace_module",
@@ -325,27 +327,54 @@ def save_config_for_hf(model: nn.Module, config_path: str | os.PathLike,
 # torch
 # =====================================================================================
 
-# First torch release checked to report is_exporting() correctly under torch.compile.
-_IS_EXPORTING_TRACED_RIGHT = (2, 14)
-
-
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
+# --- is torch.export tracing: is_exporting ---------------------------------------------------
+# ``torch.compiler.is_exporting()`` returns the flag ``torch.compiler._is_exporting_flag``, which
+# ``torch.export`` (strict and non-strict, and the ONNX exporter built on it) sets while it traces.
+# - torch 2.14 and later: Dynamo reads that flag when it traces the call, so the call is right.
+# - torch 2.8 - 2.13 (seen on 2.8 and 2.11): Dynamo replaces every traced call of
+#   ``torch.compiler.is_exporting()`` by the constant ``True``, so it claims to export under
+#   ``torch.compile`` too. (``is_exporting() and not is_dynamo_compiling()`` would fix
+#   ``torch.compile`` but claim not to export under strict ``torch.export``, which is Dynamo too.)
+# The flag itself, read as a guarded global by Dynamo, is right on every version that has it,
+# so it is read wherever it exists, and the public call is the fallback for a torch without it.
 def is_exporting() -> bool:
-    """``torch.compiler.is_exporting()``: True under ``torch.export`` (and exporters built on it),
-    False under ``torch.compile`` and in eager mode.
-
-    - torch 2.14 and later: ``torch.compiler.is_exporting()`` itself.
-    - torch before 2.14 (seen on 2.11): Dynamo replaces every traced call of
-      ``torch.compiler.is_exporting()`` by the constant ``True``, so it claims to export under
-      ``torch.compile`` too. The flag behind it, ``torch.compiler._is_exporting_flag``, which
-      ``torch.export`` sets and Dynamo reads as a guarded global, is read instead: the value the
-      fixed versions return.
-    """
-    if _torch_version() >= _IS_EXPORTING_TRACED_RIGHT:
-        return torch.compiler.is_exporting()
+    """True under ``torch.export`` (strict or not, and the exporters built on it), False under
+    ``torch.compile`` and in eager mode, on every supported torch."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
+# --- the torch.export-based ONNX exporter: onnx_export_without_draft ---------------------------
+# ``torch.onnx.export(..., dynamo=True)`` tries its capture strategies in turn (the tuple
+# ``torch.onnx._internal.exporter._capture_strategies.CAPTURE_STRATEGIES``): ``torch.export``
+# non-strict, then strict, then, where present, draft export.
+# - torch 2.14: draft export is in the tuple only when ``TORCH_ONNX_ENABLE_DRAFT_EXPORT`` is set.
+# - torch 2.8: it is always there. Draft export records a data-dependent branch as the example
+#   took it, so a model that ``torch.export`` refuses still "exports", and icrewrite reported the
+#   dynamo exporter where 2.14 reports its refusal and takes the TorchScript fallback.
+# Within :func:`onnx_export_without_draft` the tuple holds no draft strategy (the tuple is read
+# when the exporter runs; where the module or the class is missing nothing changes), so every
+# torch exports as 2.14 does by default.
+def _draft_export_strategy(strategies: Any) -> type | None:
+    return getattr(strategies, "TorchExportDraftExportStrategy", None)
+
+
+@contextlib.contextmanager
+def onnx_export_without_draft() -> Iterator[None]:
+    """Within the block, ``torch.onnx.export(..., dynamo=True)`` captures the model with
+    ``torch.export`` only, never with draft export (not thread-safe: it swaps a module global)."""
+    try:
+        from torch.onnx._internal.exporter import _capture_strategies as strategies
+    except ImportError:  # a torch without this exporter layout: nothing to change
+        yield
+        return
+    draft = _draft_export_strategy(strategies)
+    tried = getattr(strategies, "CAPTURE_STRATEGIES", None)
+    if draft is None or not isinstance(tried, tuple) or draft not in tried:
+        yield
+        return
+    strategies.CAPTURE_STRATEGIES = tuple(s for s in tried if s is not draft)
+    try:
+        yield
+    finally:
+        strategies.CAPTURE_STRATEGIES = tried

@@ -6,7 +6,8 @@ manner of timm's ``register_notrace_module``. The built-in torch, torchvision an
 layers are registered below through the same functions a user calls:
 
 - ``register_weight_layer(cls)``: a layer that applies a weight to its input (conv,
-  linear). It gets an IC block on its input; ``foldable=True`` says a BatchNorm after it
+  linear). It gets an IC block on its input, whose features the analysis reads off the
+  input its conv/linear call receives when the layer says none; ``foldable=True`` says a BatchNorm after it
   folds exactly into its ``weight`` and ``bias`` (only for that exact class: a subclass may
   change ``forward``);
 - ``register_norm(cls)``: a BatchNorm-like layer with ``running_mean``/``running_var`` and an
@@ -48,6 +49,8 @@ __all__ = [
     "weight_layer_classes",
     "is_weight_layer",
     "weight_layer_features",
+    "declared_features",
+    "features_unknown",
     "is_foldable_into",
     "is_batchnorm",
     "is_activation_module",
@@ -71,19 +74,21 @@ class WeightLayer:
     BatchNorm after it folds exactly into its weight."""
 
     cls: type[nn.Module]
-    features: Features  # module -> (number of input features, feature dim: 1 for (N, C, *), -1 for (*, C))
+    # module -> (number of input features, feature dim: 1 for (N, C, *), -1 for (*, C)); None: the
+    # module's in_channels/in_features, else what the analysis sees its weight op receive
+    features: Features | None
     foldable: bool
     reason: str
 
 
-def _input_features(module: nn.Module) -> tuple[int, int]:
-    """``in_channels`` over dim 1 (convolutions), else ``in_features`` over the last dim (linear layers)."""
+def _input_features(module: nn.Module) -> tuple[int, int] | None:
+    """``in_channels`` over dim 1 (convolutions), else ``in_features`` over the last dim (linear
+    layers), else None."""
     if isinstance(getattr(module, "in_channels", None), int):
         return module.in_channels, 1
     if isinstance(getattr(module, "in_features", None), int):
         return module.in_features, -1
-    raise ConversionError(f"{type(module).__name__} has neither in_channels nor in_features; register it with "
-                          "icrewrite.register_weight_layer(cls, features=lambda m: (num_features, feature_dim))")
+    return None
 
 
 _WEIGHT_LAYERS: dict[type[nn.Module], WeightLayer] = {}
@@ -102,15 +107,19 @@ def register_weight_layer(cls: ModuleClass, *, features: Features | None = None,
                           reason: str = "") -> ModuleClass:
     """Recognise ``cls`` (and its subclasses) as a weight layer: it gets an IC block on its input.
 
-    ``features(module) -> (num_features, feature_dim)`` reads the input the IC block
-    normalises: dim 1 of ``(N, C, *)`` (``feature_dim=1``) or the last dim of ``(*, C)``
-    (``-1``); by default ``in_channels`` over dim 1 or ``in_features`` over the last dim.
+    The IC block normalises the layer's input over dim 1 of ``(N, C, *)`` (``feature_dim=1``)
+    or the last dim of ``(*, C)`` (``-1``). By default its features are ``in_channels`` over
+    dim 1 or ``in_features`` over the last dim; a layer with neither has them read by the
+    analysis from the input its conv/linear call receives in a forward pass on ``meta``
+    tensors (dim 1 for ``F.conv*``, the last dim for ``F.linear``). ``features(module) ->
+    (num_features, feature_dim)`` overrides both, for layers whose input the analysis
+    cannot see (never called) or whose weight op reads a reshaped input.
     ``foldable=True``: the output is linear in ``weight`` plus ``bias`` (a plain convolution
     or linear map), so a BatchNorm after a layer of exactly this class folds into it.
     The layer's ``forward`` must take the input first; its IC block runs on it.
     """
     _check_class(cls, "weight_layer")
-    _WEIGHT_LAYERS[cls] = WeightLayer(cls, features or _input_features, foldable, reason)
+    _WEIGHT_LAYERS[cls] = WeightLayer(cls, features, foldable, reason)
     IC_BASES.add(cls)
     return cls
 
@@ -173,12 +182,36 @@ def is_weight_layer(module: nn.Module) -> bool:
     return weight_layer(module) is not None
 
 
-def weight_layer_features(module: nn.Module) -> tuple[int, int]:
-    """``(num_features, feature_dim)`` of a weight layer's input."""
+def declared_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(num_features, feature_dim)`` of a weight layer's input as the layer itself tells it
+    (its IC block, its registration's ``features``, its ``in_channels``/``in_features``), or
+    None when only a forward pass can (what the analysis then reads, ``rewrite/_probe.py``)."""
     entry = weight_layer(module)
     if entry is None:
         raise ConversionError(f"{type(module).__name__} is not a registered weight layer")
-    return entry.features(module)
+    if isinstance(module, ICWeightLayer):
+        return module.ic.num_features, module.ic.feature_dim
+    if entry.features is not None:
+        return entry.features(module)
+    return _input_features(module)
+
+
+def features_unknown(module: nn.Module, why: str) -> str:
+    """The one-line message for a weight layer whose input features nothing tells, with the fix."""
+    cls = type(module)
+    return (f"the input features of {cls.__name__} are unknown ({why}); register it with "
+            f"icrewrite.register_weight_layer({cls.__module__}.{cls.__qualname__}, "
+            "features=lambda m: (num_features, feature_dim))")
+
+
+def weight_layer_features(module: nn.Module) -> tuple[int, int]:
+    """``(num_features, feature_dim)`` of a weight layer's input, as :func:`declared_features`
+    tells it; ``ConversionError`` for a layer whose features only the analysis reads."""
+    features = declared_features(module)
+    if features is None:
+        raise ConversionError(features_unknown(module, "it has no in_channels or in_features, and they are read "
+                                                       "from its input only when a model is analysed"))
+    return features
 
 
 def is_foldable_into(module: nn.Module) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import model_info
+from .. import compat, model_info
 from ..errors import ExportError, require
 from ..files import atomic_path, refuse_overwrite
 from ..rewrite import TOLERANCE, output_tensors
@@ -235,15 +235,16 @@ def _export(
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool) -> None:
     require("onnxscript", "onnx")  # torch's dynamo exporter is built on it
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        dynamic_shapes=dynamic_shapes,
-        opset_version=opset,
-        verbose=False,
-    )
+    with compat.onnx_export_without_draft():  # torch 2.8 would take a draft of what torch.export refuses
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            verbose=False,
+        )
     program.save(path)
 
 

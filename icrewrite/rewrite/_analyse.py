@@ -21,7 +21,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import ICWeightLayer
-from ..registry import WEIGHT_FUNCTIONS, is_batchnorm, is_foldable_into, is_weight_layer, weight_layer_features
+from ..registry import (WEIGHT_FUNCTIONS, declared_features, features_unknown, is_batchnorm, is_foldable_into,
+                        is_weight_layer)
 from ._patterns import ActivationRef, ModuleActivation, activation_of, fused_activation, through_passthrough
 from ._probe import probe_weight_use
 from ._reroute import Reroute, find_reroute
@@ -35,7 +36,7 @@ class Layer:
 
     name: str
     module: nn.Module
-    features: int
+    features: int  # 0 until the meta probe reads them (a layer registered without features)
     feature_dim: int
     called: bool = False  # its forward runs: a call_module node in some scope, or seen by the meta probe
     reads_model_input: bool = False
@@ -176,19 +177,29 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
     return _unregistered_weights(scope, layers, modules)
 
 
-def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> None:
-    """Settle, with one meta forward pass, whether the weight layers no trace saw are called.
+def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> list[tuple[str, str]]:
+    """Settle, with one meta forward pass, whether the weight layers no trace saw are called,
+    and read the input features of those registered without them.
 
     A layer whose forward runs gets its IC run right before its weight; one whose weight
-    is only read by other code (``F.multi_head_attention_forward``) is functional.
+    is only read by other code (``F.multi_head_attention_forward``) is functional. A layer
+    whose features the pass cannot read is dropped (it gets no IC block), with a note.
     """
     unseen = [name for name, layer in layers.items() if not layer.called]
-    usage = probe_weight_use(model, unseen) if unseen else None
-    if usage is None:
-        return
-    for name in unseen:
+    unknown = [name for name, layer in layers.items() if not layer.features]
+    usage = probe_weight_use(model, [*unseen, *unknown]) if unseen or unknown else None
+    for name in unseen if usage is not None else ():
         layers[name].called = name in usage.called
         layers[name].functional |= name in usage.weight_used_outside
+    notes = []
+    for name in unknown:
+        if usage is not None and name in usage.input_features:
+            layers[name].features, layers[name].feature_dim = usage.input_features[name]
+            continue
+        why = ("the model does not run on a meta input" if usage is None else "its forward never ran"
+               if name not in usage.called else "no conv/linear call in its forward reads its input's features")
+        notes.append((name, features_unknown(layers.pop(name).module, why)))
+    return notes
 
 
 def _find_reroutes(model: nn.Module, layers: dict[str, Layer], scopes: list[Scope]) -> dict[str, Reroute]:
@@ -222,7 +233,7 @@ def analyse(model: nn.Module) -> Analysis:
     layers: dict[str, Layer] = {}
     for name, module in model.named_modules():
         if is_weight_layer(module):
-            features, feature_dim = weight_layer_features(module)
+            features, feature_dim = declared_features(module) or (0, 1)
             layers[name] = Layer(name, module, features, feature_dim, has_ic=isinstance(module, ICWeightLayer))
     scopes = trace_scopes(model)
     norms: list[NormBeforeAct] = []
@@ -235,5 +246,5 @@ def analyse(model: nn.Module) -> Analysis:
         elif scope.error is not None:
             notes.append((scope.prefix or "<model>", f"not traceable ({scope.error}); weight layers inside get IC, "
                           "BatchNorms inside are kept"))
-    _probe_unseen(model, layers)
+    notes.extend(_probe_unseen(model, layers))
     return Analysis(layers, norms, scopes, notes, _find_reroutes(model, layers, scopes))
