@@ -39,8 +39,9 @@ from torch import nn
 from . import __version__, model_info
 from .compat import create_model, load_state_dict, model_args_recorded, parse_model_name, save_config_for_hf
 from .errors import CheckpointError, ConversionError
-from .files import atomic_path
+from .files import atomic_folder, atomic_path, refuse_overwrite
 from .rewrite import Plan, Report, convert, options_of, output_tensors, replay
+from .rewrite._inputs import check_model_usable
 
 __all__ = [
     "read_state_dict",
@@ -54,6 +55,7 @@ __all__ = [
     "check",
     "example_input",
     "refuse_overwrite",
+    "check_writable",
 ]
 
 WEIGHTS_NAME = "model.safetensors"  # file names of the Hugging Face/timm folder layout
@@ -345,18 +347,22 @@ def _config(model: nn.Module, parity: Report | None, model_args: Mapping[str, An
     return config
 
 
-def _files(path: Path) -> tuple[Path, Path | None]:
-    """``(weights file, config.json or None)`` that ``save`` writes for ``path``."""
-    if path.suffix == ".safetensors":
-        return path, None
-    return path / WEIGHTS_NAME, path / CONFIG_NAME
+def _is_folder(path: Path) -> bool:
+    """Whether ``save`` writes ``path`` as a folder (the Hugging Face/timm layout) or one file."""
+    return path.suffix != ".safetensors"
 
 
-def refuse_overwrite(path: str | os.PathLike) -> None:
-    """Raise ``CheckpointError`` if ``save(..., path)`` would replace an existing file."""
-    existing = [str(f) for f in _files(Path(path)) if f is not None and f.exists()]
-    if existing:
-        raise CheckpointError(f"output exists: {_few(existing)}; pass --force (force=True) to overwrite it")
+def check_writable(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Raise the ``CheckpointError`` that writing ``save(..., path, force=force)`` would meet
+    (an existing output without ``force``, a file where a folder goes, an unwritable folder,
+    a name too long), before the work that produces the model; returns ``path`` as a Path."""
+    path = Path(path)
+    return refuse_overwrite(path, folder=_is_folder(path), force=force, replaces=(WEIGHTS_NAME, CONFIG_NAME),
+                            error=CheckpointError)
+
+
+def _write_weights(model: nn.Module, path: Path, config: dict[str, Any]) -> None:
+    safetensors.torch.save_model(model, str(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(config)})
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = None, force: bool = False,
@@ -365,9 +371,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = N
 
     ``path`` ending in ``.safetensors`` is one file; any other path is a folder in the
     Hugging Face/timm layout. ``parity`` (from ``icrewrite.verify``) is recorded as a
-    summary. Each file is written to a temporary name and renamed, weights before
-    config; an existing file is only replaced with ``force=True``. Tied weights are
-    stored once (``safetensors.torch.save_model``).
+    summary. The output is written under a temporary sibling name and published by one
+    rename (``icrewrite.files``): a kill leaves the old output or the new one, and of two
+    concurrent writers one succeeds and the other is refused; an existing output is only
+    replaced with ``force=True``. Tied weights are stored once (``safetensors.torch.save_model``).
 
     The config records the arguments the model was built with (``model_args``), for ``load``
     to rebuild it. timm >= 1.0.31 records them in ``timm.create_model``, and ``load_model``
@@ -375,17 +382,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = N
     only what the model shows (``num_classes``, ``in_chans``, ``global_pool``) is known: give
     the others as ``model_args`` (a config that would rebuild another architecture is refused).
     """
-    path = Path(path)
-    weights, config_file = _files(path)
-    if not force:
-        refuse_overwrite(path)
+    path = check_writable(path, force=force)
+    check_model_usable(model, "save")
     config = _config(model, parity, model_args)
-    text = json.dumps(config, indent=2)
-    with atomic_path(weights) as tmp:
-        safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(config)})
-    if config_file is not None:
-        with atomic_path(config_file) as tmp:
-            tmp.write_text(text + "\n")
+    if not _is_folder(path):
+        with atomic_path(path, force=force, error=CheckpointError) as tmp:
+            _write_weights(model, tmp, config)
+        return path
+    with atomic_folder(path, force=force, replaces=(WEIGHTS_NAME, CONFIG_NAME), error=CheckpointError) as tmp:
+        _write_weights(model, tmp / WEIGHTS_NAME, config)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import convert, verify
-from ..checkpoint import example_input, refuse_overwrite, save
+from ..checkpoint import check_writable, example_input, save
 from ..errors import ConversionError
 from ..rewrite import TOLERANCE
 from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, given_conversion_flags,
@@ -73,8 +73,7 @@ def _conversion(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.force:
-        refuse_overwrite(args.output)  # before minutes of work, not after
+    check_writable(args.output, force=args.force)  # before minutes of work, not after
     conversion = _conversion(args)
     original = model_from_args(args)
     calibration = calibration_batches(args.calibrate, original, args.calibrate_batches) if args.calibrate else None

@@ -44,8 +44,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..deploy.onnx import export_onnx  # onnx and onnxruntime: only when exporting
 
-    if not args.force:
-        refuse_overwrite(args.output, error=ExportError)  # before loading and exporting, not after
+    refuse_overwrite(args.output, force=args.force, error=ExportError)  # before loading and exporting, not after
     model = model_from_args(args)
     progress(f"exporting to {args.output}")
     report = export_onnx(

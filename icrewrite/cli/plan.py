@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
 def write_plan(the_plan: Plan, path: str | os.PathLike, *, force: bool = False) -> None:
     """Write ``the_plan.to_dict()`` as JSON, atomically; an existing file only with ``force``."""
     with atomic_path(path, force=force) as tmp:
-        tmp.write_text(json.dumps(the_plan.to_dict(), indent=2) + "\n")
+        tmp.write_text(json.dumps(the_plan.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
@@ -57,8 +57,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
 
 def run(args: argparse.Namespace) -> int:
     to_file = args.json not in (None, STDOUT)
-    if to_file and not args.force:
-        refuse_overwrite(args.json)  # before the model is built and traced, not after
+    if to_file:
+        refuse_overwrite(args.json, force=args.force)  # before the model is built and traced, not after
     the_plan = plan(model_from_args(args), **conversion_options(args))
     if args.json == STDOUT:
         print(json.dumps(the_plan.to_dict(), indent=2))
