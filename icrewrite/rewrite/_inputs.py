@@ -18,14 +18,17 @@ from ..errors import ConversionError
 __all__ = ["check_model_usable", "check_convert_arguments"]
 
 
-def check_model_usable(model: Any, what: str) -> None:
-    """Raise unless ``model`` is an ``nn.Module`` with real tensors that ``what`` (a function
-    name, for the message) can run or read: not TorchScript, not on the meta device."""
+def check_model_usable(model: Any, what: str, *, real_tensors: bool = True) -> None:
+    """Raise unless ``model`` is an ``nn.Module`` that ``what`` (a function name, for the
+    message) can run or read: not TorchScript, and with ``real_tensors`` not on the meta
+    device (``convert`` works on meta models: it reads structure, not values)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ConversionError(f"{what} takes a Python nn.Module, got a TorchScript module ({type(model).__name__}); "
                               "pass the model before torch.jit.script/trace")
     if not isinstance(model, nn.Module):
         raise ConversionError(f"{what} takes an nn.Module, got {type(model).__name__}")
+    if not real_tensors:
+        return
     meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise ConversionError(f"{what} needs real tensors, but {meta} is on the meta device (no values): "
@@ -45,7 +48,7 @@ def check_convert_arguments(model: Any, *, p: Any, exclude: Any, calibration: An
                             ) -> Iterable | torch.Tensor | None:
     """Raise a one-line ``ConversionError`` for arguments of ``convert`` of the wrong kind;
     returns ``calibration`` with each batch checked as it is read."""
-    check_model_usable(model, "convert")
+    check_model_usable(model, "convert", real_tensors=False)
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise ConversionError(f"p must be a number in [0, 1), got {type(p).__name__} {p!r}")
     if not isinstance(exclude, str) and not (isinstance(exclude, Iterable)
