@@ -43,7 +43,7 @@ from . import __version__, model_info
 from .compat import create_model, load_state_dict, model_args_recorded, parse_model_name, save_config_for_hf
 from .errors import CheckpointError, ConversionError, ICRewriteError
 from .files import atomic_folder, atomic_path, refuse_overwrite
-from .rewrite import Options, Plan, Report, convert, options_of, output_tensors, replay
+from .rewrite import Options, Plan, Report, convert, eval_mode, options_of, output_tensors, replay
 from .rewrite._inputs import check_model_usable
 
 __all__ = [
@@ -185,24 +185,33 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         source, model_id = parse_model_name(name)
     except ValueError as err:
-        raise CheckpointError(f"{name}: no such file or folder, and not a timm model name ({err})") from err
+        raise CheckpointError(f"{_shown(name)}: no such file or folder, and not a timm model name ({err})") from err
     if source is None:
         architecture = split_model_name_tag(model_id)[0]
         if not timm.is_model(architecture):
             close = difflib.get_close_matches(architecture, timm.list_models(), n=5)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-            raise CheckpointError(f"unknown timm model {architecture!r}{hint}")
+            raise CheckpointError(f"unknown timm model {_shown(architecture)!r}{hint}")
     try:  # model constructors reject bad arguments and unreachable weights in many ways
         return create_model(name, **kwargs)
     except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as err:
-        raise CheckpointError(f"cannot create {name}: {err}") from err
+        raise CheckpointError(f"cannot create {_shown(name)}: {' '.join(str(err).split())[:200]}") from err
+
+
+def _shown(name: str, most: int = 80) -> str:
+    """``name`` short enough for a one-line message."""
+    return name if len(name) <= most else f"{name[:most - 20]}...{name[-12:]}"
 
 
 def _local_path(source: str | os.PathLike) -> Path | None:
     """The existing file or folder that ``source`` names (a path or ``local-dir:PATH``), else None."""
     text = os.fspath(source)
     path = Path(text.removeprefix("local-dir:"))
-    return path if path.exists() else None
+    try:
+        return path if path.exists() else None
+    except OSError as err:  # a name longer than the file system allows, a path through a file
+        raise CheckpointError(f"{_shown(text)}: not a file or folder ({err.strerror}), and not a timm model "
+                              "name") from err
 
 
 def load_model(
@@ -256,12 +265,8 @@ def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch
 @torch.no_grad()
 def _probe(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Evenly spaced values of the eval-mode output on ``x``: a fingerprint of the function."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         flat = torch.cat([t.float().flatten() for t in output_tensors(model(x))]).cpu()
-    finally:
-        model.train(was_training)
     index = torch.linspace(0, flat.numel() - 1, min(_PROBE_VALUES, flat.numel())).long()
     return flat[index].tolist()
 
@@ -432,8 +437,9 @@ def _parity(section: _Fields) -> Report | None:
     changes = parity.get("changes", dict)
     if not all(type(v) is int for v in changes.values()):
         raise parity.error("expected module names mapped to integers", "changes")
-    errors = {key: parity.get(key, float, int, type(None)) for key in ("max_abs_error", "max_rel_error")}
-    return Report(**counts, changes=changes, **{k: None if v is None else float(v) for k, v in errors.items()})
+    errors = {key: parity.get(key, float, int, type(None), default=None) for key in ("max_abs_error", "max_rel_error")}
+    return Report(**counts, changes=changes, **{k: None if v is None else float(v) for k, v in errors.items()},
+                  non_finite=parity.get("non_finite", str, type(None), default=None))
 
 
 def _rebuild(config: CheckpointConfig) -> nn.Module:

@@ -16,7 +16,7 @@ from ..checkpoint import check_writable, example_input, save
 from ..errors import ConversionError
 from ..rewrite import TOLERANCE
 from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, given_conversion_flags,
-               model_from_args, progress)
+               model_from_args, positive_int, progress)
 from .plan import read_plan
 
 CALIBRATION_BATCH_SIZE = 32
@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--calibrate", metavar="DATA",
                         help="set IC statistics from real images: 'digits', an ImageFolder directory or a timm "
                              "dataset NAME:ROOT (with --init preserve)")
-    parser.add_argument("--calibrate-batches", type=int, default=8, metavar="N",
+    parser.add_argument("--calibrate-batches", type=positive_int, default=8, metavar="N",
                         help=f"calibration batches of {CALIBRATION_BATCH_SIZE} images (default 8)")
     parser.add_argument("--verify", action="store_true",
                         help="check that the converted model computes the original function in eval mode; "
@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     report = verify(original, converted, example_input(original) if args.verify else None)
     print(report)
     if not report.ok:
-        raise ConversionError(f"the converted model does not compute the original function (relative error "
-                              f"{report.max_rel_error:.3g} > {TOLERANCE:g}); nothing was written")
+        why = report.non_finite or f"relative error {report.max_rel_error:.3g} > {TOLERANCE:g}"
+        raise ConversionError(f"the converted model does not compute the original function ({why}); nothing was "
+                              "written")
     progress(f"writing {args.output}")
     save(converted, args.output, parity=report, force=args.force)
     print(f"wrote {args.output}")

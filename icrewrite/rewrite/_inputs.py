@@ -36,12 +36,18 @@ def check_model_usable(model: Any, what: str, *, real_tensors: bool = True) -> N
 
 
 def _checked_batches(data: Iterable) -> Iterator[Any]:
-    for index, batch in enumerate(data):
+    """The batches of ``data``, each checked as it is read; none at all is an error (statistics
+    from nothing would silently be the data-free ones)."""
+    count = 0
+    for count, batch in enumerate(data, 1):
         first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(first, torch.Tensor):
-            raise ConversionError(f"calibration batch {index} is {type(first).__name__}, not a tensor (or a tuple "
-                                  "whose first item is the input tensor)")
+            raise ConversionError(f"calibration batch {count - 1} is {type(first).__name__}, not a tensor (or a "
+                                  "tuple whose first item is the input tensor)")
         yield batch
+    if count == 0:
+        raise ConversionError("the calibration data yielded no batches (an empty data set, or no image in it "
+                              "could be read)")
 
 
 def check_convert_arguments(model: Any, *, p: Any, exclude: Any, calibration: Any, calibration_batches: Any
