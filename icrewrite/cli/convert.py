@@ -7,7 +7,6 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from timm.data import resolve_model_data_config
 from torch import nn
 from tqdm import tqdm
 
@@ -52,11 +51,9 @@ def register(subparsers: Any) -> None:
 
 def calibration_batches(data: str, model: nn.Module, batches: int) -> Iterable:
     """``batches`` batches of ``data`` at ``model``'s input size and normalisation, with a progress bar."""
-    from ..train.data import make_loader  # scikit-learn and timm's datasets: only for commands that read data
+    from ._data import model_loader  # scikit-learn and timm's datasets: only for commands that read data
 
-    config = resolve_model_data_config(model)
-    loader = make_loader(data, "train", CALIBRATION_BATCH_SIZE, config["input_size"][-1], augment=False,
-                         mean=tuple(config["mean"]), std=tuple(config["std"]))
+    loader = model_loader(model, data, "train", CALIBRATION_BATCH_SIZE, augment=False)
     return tqdm(itertools.islice(loader, batches), total=min(batches, len(loader)), desc="calibrating",
                 unit="batch", file=sys.stderr)
 
