@@ -46,7 +46,7 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 def _libc_renameat2() -> object | None:
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not glibc >= 2.28 (macOS, musl before 1.2.? , Windows)
+    except (AttributeError, OSError, TypeError):  # no renameat2: not glibc >= 2.28 (macOS, older musl, Windows)
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
