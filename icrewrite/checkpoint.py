@@ -281,7 +281,7 @@ def _timm_config(model: nn.Module, model_args: Mapping[str, Any] | None = None) 
             save_config_for_hf(model, Path(folder) / CONFIG_NAME, model_args=model_args)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"cannot save {model_info.architecture(model)}: {err}") from err
-        return json.loads((Path(folder) / CONFIG_NAME).read_text())
+        return json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
 
 
 # --- the config a checkpoint records, parsed -----------------------------------------------
@@ -442,20 +442,37 @@ def _parity(section: _Fields) -> Report | None:
                   non_finite=parity.get("non_finite", str, type(None), default=None))
 
 
-def _rebuild(config: CheckpointConfig) -> nn.Module:
+def _failure(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:120]
+    return f"{type(err).__name__}{': ' if text else ''}{text}"
+
+
+def _rebuild(config: CheckpointConfig, source: str | os.PathLike, *, on_meta: bool = False) -> nn.Module:
     """The architecture ``config`` describes (weights as built), converted as recorded: its plan
     replayed, with no tracing or analysis, or, for a file written before plans were recorded,
-    converted with its options."""
-    try:  # recorded arguments can fail a builder in any way; each is a file's problem, in one line
+    converted with its options. Every failure is a ``CheckpointError`` naming ``source``: the
+    builder arguments and the plan are the file's (``on_meta``: failures other than
+    ``ICRewriteError`` pass through, as builders that read tensor values fail on meta)."""
+    try:
         model = create_timm_model(config.architecture, **config.to_timm())
-    except ICRewriteError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"cannot build {config.architecture} with the recorded model_args "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from err
-    if config.plan is not None:
-        return replay(model, config.plan, inplace=True)
-    return model if config.options is None else convert(model, inplace=True, **config.options.to_dict())
+    except ICRewriteError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    except Exception as err:  # recorded arguments can fail a builder in any way
+        if on_meta:
+            raise
+        raise CheckpointError(f"{source}: cannot build {config.architecture} with the recorded model_args "
+                              f"({_failure(err)})") from err
+    try:
+        if config.plan is not None:
+            return replay(model, config.plan, inplace=True)
+        return model if config.options is None else convert(model, inplace=True, **config.options.to_dict())
+    except ICRewriteError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    except Exception as err:  # a plan that replay's checks let through, on a model the file's arguments built
+        if on_meta:
+            raise
+        raise CheckpointError(f"{source}: cannot convert {config.architecture} as the file records "
+                              f"({_failure(err)})") from err
 
 
 def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
@@ -470,9 +487,9 @@ def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
         parsed = CheckpointConfig.from_dict(config, "the config to save")
         try:
             with torch.device("meta"):
-                expected = _rebuild(parsed).state_dict()
+                expected = _rebuild(parsed, "the config to save").state_dict()
         except Exception:  # builders that need real tensors (.item(), .tolist()); a real failure recurs on the CPU
-            expected = _rebuild(parsed).state_dict()
+            expected = _rebuild(parsed, "the config to save").state_dict()
     except (CheckpointError, ConversionError) as err:  # the recorded plan does not fit what the config builds
         problem = str(err)
     else:
@@ -572,13 +589,13 @@ def _config_or_none(path: Path) -> dict[str, Any] | None:
     file = path / CONFIG_NAME if path.is_dir() else path
     try:
         if path.is_dir():
-            config = json.loads(file.read_text()) if file.is_file() else {}
+            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
         elif path.suffix == ".safetensors":
             with safetensors.safe_open(str(file), "pt") as f:
                 config = json.loads((f.metadata() or {}).get(_METADATA_KEY, "{}"))
         else:
             return None
-    except (OSError, ValueError, safetensors.SafetensorError) as err:
+    except (OSError, ValueError, RecursionError, safetensors.SafetensorError) as err:
         raise _read_error(file, err, unsafe_pickle=False) from err
     return config if isinstance(config, dict) and "icrewrite" in config else None
 
@@ -628,7 +645,7 @@ def _check_fits(config: CheckpointConfig, weights: Path) -> None:
     any memory is allocated for it (builders that need real tensors are checked after)."""
     try:
         with torch.device("meta"):
-            model = _rebuild(config)
+            model = _rebuild(config, weights.parent if weights.name == WEIGHTS_NAME else weights, on_meta=True)
     except ICRewriteError:
         raise
     except Exception:  # builders that read tensor values cannot run on meta; the real build checks them
@@ -647,7 +664,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     config = read_checkpoint_config(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     _check_fits(config, weights)
-    model = _rebuild(config)
+    model = _rebuild(config, path)
     fit_state_dict(model, read_state_dict(weights), source=str(weights))
     return model.eval()
 

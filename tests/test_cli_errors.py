@@ -84,6 +84,8 @@ CASES = {  # name: (argv, with {x} the prepared path, the expected part of the e
                          "plan: cannot read the plan"),
     "undecodable plan": (lambda d: (d / "p.json").write_bytes(b"\xff\xfe{") and
                          ["convert", *MODEL, "--plan", "p.json", "-o", "out"], "p.json: not a JSON plan"),
+    "deeply nested plan": (lambda d: (d / "deep.json").write_text("[" * 100_000) and
+                           ["convert", *MODEL, "--plan", "deep.json", "-o", "out"], "deep.json: not a JSON plan"),
     "export --input-size 0 -1 1": (lambda d: ["export", *MODEL, "-o", "m.onnx", "--input-size", "0", "-1", "1"],
                                    "--input-size: must be at least 1, got 0"),
     "--num-classes -1": (lambda d: ["convert", "resnet10t", "--num-classes", "-1", "-o", "out"],

@@ -161,6 +161,17 @@ CASES = [  # (edit, the message)
 ]
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000, "{\"icrewrite\": " * 50_000, "\udcff", "nul\x00l"])
+def test_unparseable_config_json_is_one_line(saved, tmp_path, text):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    os.link(saved / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(CheckpointError, match=r"config.json: not a readable checkpoint") as caught:
+        icrewrite.load(folder)
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("edit, message", CASES)
 def test_each_field_is_checked_and_named(saved, tmp_path, edit, message):
     folder = _edited(saved, tmp_path, edit)

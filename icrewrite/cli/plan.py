@@ -44,11 +44,11 @@ def read_plan(path: str | os.PathLike) -> Plan:
     """The plan in a file ``write_plan`` wrote; a missing, unreadable or malformed one is a
     one-line ``ConversionError`` naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise ConversionError(f"{path}: cannot read the plan ({err.strerror or err})") from err
-    except ValueError as err:
-        raise ConversionError(f"{path}: not a JSON plan ({err})") from err
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than json reads
+        raise ConversionError(f"{path}: not a JSON plan ({str(err)[:120]})") from err
     try:
         return Plan.from_dict(data)
     except ConversionError as err:
