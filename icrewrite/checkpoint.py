@@ -343,8 +343,9 @@ class CheckpointConfig:
         options = section.get("options", dict, type(None))
         try:
             parsed_options = None if options is None else Options.from_dict(options, "icrewrite.options")
-        except ConversionError as err:
-            raise CheckpointError(f"{source}: {err}") from err
+        except ConversionError as err:  # Options' reader speaks of plans, where options also live
+            raise CheckpointError(f"{source}: {str(err).replace('malformed plan: ', 'malformed checkpoint config: ')}"
+                                  ) from err
         return cls(architecture=architecture, model_args=model_args, pretrained_cfg=pretrained_cfg,
                    version=section.get("version", str), options=parsed_options,
                    plan=_recorded_plan(source, section.get("plan", dict, type(None), default=None)),

@@ -151,7 +151,7 @@ CASES = [  # (edit, the message)
     (lambda c: c["model_args"].update(num_classes=40), r"2 shape mismatches \(classifier.bias: file \(4,\), model \(40,\)"),
     (lambda c: c["icrewrite"].pop("probe"), r"icrewrite.probe: missing"),
     (lambda c: c["icrewrite"].update(options=[0.05]), r"icrewrite.options: expected dict or null, got list"),
-    (lambda c: c["icrewrite"]["options"].update(inplace=True), r"icrewrite.options: unknown inplace"),
+    (lambda c: c["icrewrite"]["options"].update(inplace=True), r"malformed checkpoint config: icrewrite.options: unknown inplace"),
     (lambda c: c["icrewrite"].update(extra=1), r"icrewrite: unknown extra"),
     (lambda c: c["icrewrite"]["probe"].update(input_size=[3, 10**6, 10**6]), r"icrewrite.probe.input_size: expected"),
     (lambda c: c["icrewrite"]["probe"].update(input_size=[3, 4096, 4096]), r"larger than any model input checked"),
