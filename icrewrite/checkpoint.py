@@ -42,7 +42,8 @@ from torch import nn
 from . import __version__, model_info
 from .compat import create_model, load_state_dict, model_args_recorded, parse_model_name, save_config_for_hf
 from .errors import CheckpointError, ConversionError, ICRewriteError
-from .files import atomic_folder, atomic_path, refuse_overwrite
+from .files import atomic_folder, atomic_path
+from .files import refuse_overwrite as _refuse_overwrite  # save's outputs: check_writable
 from .rewrite import Options, Plan, Report, convert, eval_mode, options_of, output_tensors, replay
 from .rewrite._inputs import check_model_usable
 
@@ -59,7 +60,6 @@ __all__ = [
     "CheckpointConfig",
     "check",
     "example_input",
-    "refuse_overwrite",
     "check_writable",
 ]
 
@@ -547,7 +547,7 @@ def check_writable(path: str | os.PathLike, *, force: bool = False) -> Path:
     (an existing output without ``force``, a file where a folder goes, an unwritable folder,
     a name too long), before the work that produces the model; returns ``path`` as a Path."""
     path = Path(path)
-    return refuse_overwrite(path, folder=_is_folder(path), force=force, replaces=(WEIGHTS_NAME, CONFIG_NAME),
+    return _refuse_overwrite(path, folder=_is_folder(path), force=force, replaces=(WEIGHTS_NAME, CONFIG_NAME),
                             error=CheckpointError)
 
 
