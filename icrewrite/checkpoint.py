@@ -18,8 +18,10 @@ reads that config and builds the unconverted architecture.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import math
 import os
 import pickle
 import re
@@ -27,6 +29,7 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import safetensors
@@ -38,9 +41,11 @@ from torch import nn
 
 from . import __version__, model_info
 from .compat import create_model, load_state_dict, model_args_recorded, parse_model_name, save_config_for_hf
-from .errors import CheckpointError, ConversionError
-from .files import atomic_path
-from .rewrite import Plan, Report, convert, options_of, output_tensors, replay
+from .errors import CheckpointError, ConversionError, ICRewriteError
+from .files import atomic_folder, atomic_path
+from .files import refuse_overwrite as _refuse_overwrite  # save's outputs: check_writable
+from .rewrite import Options, Plan, Report, convert, eval_mode, options_of, output_tensors, replay
+from .rewrite._inputs import check_model_usable
 
 __all__ = [
     "read_state_dict",
@@ -51,9 +56,11 @@ __all__ = [
     "check_saveable",
     "load",
     "read_config",
+    "read_checkpoint_config",
+    "CheckpointConfig",
     "check",
     "example_input",
-    "refuse_overwrite",
+    "check_writable",
 ]
 
 WEIGHTS_NAME = "model.safetensors"  # file names of the Hugging Face/timm folder layout
@@ -178,24 +185,33 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         source, model_id = parse_model_name(name)
     except ValueError as err:
-        raise CheckpointError(f"{name}: no such file or folder, and not a timm model name ({err})") from err
+        raise CheckpointError(f"{_shown(name)}: no such file or folder, and not a timm model name ({err})") from err
     if source is None:
         architecture = split_model_name_tag(model_id)[0]
         if not timm.is_model(architecture):
             close = difflib.get_close_matches(architecture, timm.list_models(), n=5)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-            raise CheckpointError(f"unknown timm model {architecture!r}{hint}")
+            raise CheckpointError(f"unknown timm model {_shown(architecture)!r}{hint}")
     try:  # model constructors reject bad arguments and unreachable weights in many ways
         return create_model(name, **kwargs)
     except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as err:
-        raise CheckpointError(f"cannot create {name}: {err}") from err
+        raise CheckpointError(f"cannot create {_shown(name)}: {' '.join(str(err).split())[:200]}") from err
+
+
+def _shown(name: str, most: int = 80) -> str:
+    """``name`` short enough for a one-line message."""
+    return name if len(name) <= most else f"{name[:most - 20]}...{name[-12:]}"
 
 
 def _local_path(source: str | os.PathLike) -> Path | None:
     """The existing file or folder that ``source`` names (a path or ``local-dir:PATH``), else None."""
     text = os.fspath(source)
     path = Path(text.removeprefix("local-dir:"))
-    return path if path.exists() else None
+    try:
+        return path if path.exists() else None
+    except OSError as err:  # a name longer than the file system allows, a path through a file
+        raise CheckpointError(f"{_shown(text)}: not a file or folder ({err.strerror}), and not a timm model "
+                              "name") from err
 
 
 def load_model(
@@ -249,12 +265,8 @@ def example_input(model: nn.Module, batch_size: int = 2, seed: int = 0) -> torch
 @torch.no_grad()
 def _probe(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Evenly spaced values of the eval-mode output on ``x``: a fingerprint of the function."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         flat = torch.cat([t.float().flatten() for t in output_tensors(model(x))]).cpu()
-    finally:
-        model.train(was_training)
     index = torch.linspace(0, flat.numel() - 1, min(_PROBE_VALUES, flat.numel())).long()
     return flat[index].tolist()
 
@@ -269,20 +281,199 @@ def _timm_config(model: nn.Module, model_args: Mapping[str, Any] | None = None) 
             save_config_for_hf(model, Path(folder) / CONFIG_NAME, model_args=model_args)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"cannot save {model_info.architecture(model)}: {err}") from err
-        return json.loads((Path(folder) / CONFIG_NAME).read_text())
+        return json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
 
 
-def _rebuild(config: dict[str, Any], source: str | os.PathLike) -> nn.Module:
+# --- the config a checkpoint records, parsed -----------------------------------------------
+
+_MAX_INT = 1_000_000  # largest integer a recorded builder argument may hold (classes, widths, image sizes)
+_MAX_PROBE_SIZE = 4096  # largest side of the recorded probe input
+_MAX_PROBE_VALUES = 3 * 1024 * 1024  # values in the probe input
+_JSON_DEPTH = 8
+_NOT_FROM_FILES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                   "pretrained_strict", "features_only", "scriptable", "exportable", "no_jit")  # where weights come from
+_SECTION_KEYS = ("version", "options", "plan", "parity", "probe")
+_REPORT_EXTRAS = ("param_delta", "param_delta_pct", "ok")  # what Report.to_dict() adds to its fields
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The model's eval output recorded at save time on a seeded standard-normal input."""
+
+    input_size: tuple[int, ...]
+    seed: int
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What a file written by ``save`` records, parsed into typed values and checked before
+    anything is built (``CheckpointConfig.from_dict``): a file is data, and a field of the
+    wrong type, out of range or unknown is one ``CheckpointError`` naming it."""
+
+    architecture: str
+    model_args: dict[str, Any]
+    pretrained_cfg: dict[str, Any] | None
+    version: str
+    options: Options | None
+    plan: Plan | None
+    parity: Report | None
+    probe: Probe
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | os.PathLike) -> CheckpointConfig:
+        top = _Fields(data, "config", source)
+        section = _Fields(top.get("icrewrite", dict), "icrewrite", source, allowed=_SECTION_KEYS)
+        architecture = top.get("architecture", str)
+        if ":" in architecture or not timm.is_model(split_model_name_tag(architecture)[0]):
+            raise top.error(f"{architecture!r} is not an architecture of this timm ({timm.__version__})",
+                            "architecture")
+        model_args = top.get("model_args", dict, default={})
+        for key, value in model_args.items():
+            if not key.isidentifier() or key in _NOT_FROM_FILES:
+                raise top.error(f"{key!r} cannot be recorded (builder arguments are names of the architecture's "
+                                "own options; where weights come from is not read from a file)", "model_args")
+            top.check_value(value, f"model_args.{key}")
+        pretrained_cfg = top.get("pretrained_cfg", dict, type(None), default=None)
+        if pretrained_cfg is not None:
+            for key, value in pretrained_cfg.items():
+                top.check_value(value, f"pretrained_cfg.{key}")
+            if "input_size" in pretrained_cfg:
+                top.check_sizes(pretrained_cfg["input_size"], "pretrained_cfg.input_size", length=(3,))
+        options = section.get("options", dict, type(None))
+        try:
+            parsed_options = None if options is None else Options.from_dict(options, "icrewrite.options")
+        except ConversionError as err:  # Options' reader speaks of plans, where options also live
+            raise CheckpointError(f"{source}: {str(err).replace('malformed plan: ', 'malformed checkpoint config: ')}"
+                                  ) from err
+        return cls(architecture=architecture, model_args=model_args, pretrained_cfg=pretrained_cfg,
+                   version=section.get("version", str), options=parsed_options,
+                   plan=_recorded_plan(source, section.get("plan", dict, type(None), default=None)),
+                   parity=_parity(section), probe=_probe_record(section))
+
+    def to_timm(self) -> dict[str, Any]:
+        """``timm.create_model`` keyword arguments that build the architecture, without weights."""
+        return {"pretrained": False, "pretrained_cfg_overlay": self.pretrained_cfg, **self.model_args}
+
+
+class _Fields:
+    """Typed access to a JSON object read from a file; each problem is one ``CheckpointError``
+    naming the file and the field."""
+
+    def __init__(self, data: Any, where: str, source: str | os.PathLike, allowed: tuple[str, ...] | None = None
+                 ) -> None:
+        self.where, self.source = where, source
+        if not isinstance(data, dict):
+            raise self.error(f"expected an object, got {type(data).__name__}")
+        unknown = [str(k) for k in data if allowed is not None and k not in allowed]
+        if unknown:
+            raise self.error(f"unknown {_few(unknown)} (known: {', '.join(allowed or ())})")
+        self.data = data
+
+    def error(self, message: str, key: str | None = None) -> CheckpointError:
+        where = f"{self.where}.{key}" if key and self.where != "config" else (key or self.where)
+        return CheckpointError(f"{self.source}: malformed checkpoint config: {where}: {message}")
+
+    def get(self, key: str, *types: type, default: Any = ...) -> Any:
+        """The value of ``key``, of exactly one of ``types`` (``True`` is not an ``int``)."""
+        if key not in self.data:
+            if default is ...:
+                raise self.error("missing", key)
+            return default
+        value = self.data[key]
+        if type(value) not in types:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise self.error(f"expected {names}, got {type(value).__name__}", key)
+        return value
+
+    def check_value(self, value: Any, key: str, depth: int = 0) -> None:
+        """A JSON value of bounded depth whose integers are within ``_MAX_INT`` and numbers finite."""
+        if depth > _JSON_DEPTH:
+            raise self.error("nested too deeply", key)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self.check_value(v, f"{key}.{k}", depth + 1)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self.check_value(v, f"{key}[{i}]", depth + 1)
+        elif type(value) is int and abs(value) > _MAX_INT:
+            raise self.error(f"{value} is out of range (at most {_MAX_INT:,})", key)
+        elif type(value) is float and not math.isfinite(value):
+            raise self.error(f"{value} is not a finite number", key)
+        elif type(value) not in (str, int, float, bool, type(None)):
+            raise self.error(f"unexpected {type(value).__name__}", key)
+
+    def check_sizes(self, value: Any, key: str, length: tuple[int, ...] = (1, 2, 3, 4)) -> tuple[int, ...]:
+        """A list of ``length`` positive integers, each at most ``_MAX_PROBE_SIZE``."""
+        if (type(value) is not list or len(value) not in length
+                or not all(type(v) is int and 0 < v <= _MAX_PROBE_SIZE for v in value)):
+            raise self.error(f"expected {' or '.join(map(str, length))} sizes between 1 and {_MAX_PROBE_SIZE}, got "
+                             f"{str(value)[:60]}", key)
+        return tuple(value)
+
+
+def _probe_record(section: _Fields) -> Probe:
+    probe = _Fields(section.get("probe", dict), "icrewrite.probe", section.source,
+                    allowed=("input_size", "seed", "values"))
+    input_size = probe.check_sizes(probe.get("input_size", list), "input_size")
+    if math.prod(input_size) > _MAX_PROBE_VALUES:
+        raise probe.error(f"{list(input_size)} is larger than any model input checked ({_MAX_PROBE_VALUES:,} "
+                          "values)", "input_size")
+    seed = probe.get("seed", int)
+    if not 0 <= seed < 2**63:
+        raise probe.error(f"{seed} is not a seed (0 <= seed < 2**63)", "seed")
+    values = probe.get("values", list)
+    if not 0 < len(values) <= _PROBE_VALUES or not all(type(v) in (int, float) for v in values):
+        raise probe.error(f"expected 1 to {_PROBE_VALUES} numbers", "values")
+    return Probe(input_size, seed, tuple(float(v) for v in values))
+
+
+def _parity(section: _Fields) -> Report | None:
+    data = section.get("parity", dict, type(None), default=None)
+    if data is None:
+        return None
+    names = [f.name for f in dataclasses.fields(Report)]
+    parity = _Fields(data, "icrewrite.parity", section.source, allowed=(*names, *_REPORT_EXTRAS))
+    counts = {key: parity.get(key, int) for key in ("params_before", "params_after")}
+    changes = parity.get("changes", dict)
+    if not all(type(v) is int for v in changes.values()):
+        raise parity.error("expected module names mapped to integers", "changes")
+    errors = {key: parity.get(key, float, int, type(None), default=None) for key in ("max_abs_error", "max_rel_error")}
+    return Report(**counts, changes=changes, **{k: None if v is None else float(v) for k, v in errors.items()},
+                  non_finite=parity.get("non_finite", str, type(None), default=None))
+
+
+def _failure(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:120]
+    return f"{type(err).__name__}{': ' if text else ''}{text}"
+
+
+def _rebuild(config: CheckpointConfig, source: str | os.PathLike, *, on_meta: bool = False) -> nn.Module:
     """The architecture ``config`` describes (weights as built), converted as recorded: its plan
     replayed, with no tracing or analysis, or, for a file written before plans were recorded,
-    converted with its options. ``source`` names the file in errors."""
-    model = create_timm_model(config["architecture"], pretrained=False,
-                              pretrained_cfg_overlay=config.get("pretrained_cfg"), **config.get("model_args", {}))
-    section = config["icrewrite"]
-    recorded = _recorded_plan(source, section)
-    if recorded is not None:
-        return replay(model, recorded, inplace=True)
-    return model if section["options"] is None else convert(model, inplace=True, **section["options"])
+    converted with its options. Every failure is a ``CheckpointError`` naming ``source``: the
+    builder arguments and the plan are the file's (``on_meta``: failures other than
+    ``ICRewriteError`` pass through, as builders that read tensor values fail on meta)."""
+    try:
+        model = create_timm_model(config.architecture, **config.to_timm())
+    except ICRewriteError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    except Exception as err:  # recorded arguments can fail a builder in any way
+        if on_meta:
+            raise
+        raise CheckpointError(f"{source}: cannot build {config.architecture} with the recorded model_args "
+                              f"({_failure(err)})") from err
+    try:
+        if config.plan is not None:
+            return replay(model, config.plan, inplace=True)
+        return model if config.options is None else convert(model, inplace=True, **config.options.to_dict())
+    except ICRewriteError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    except Exception as err:  # a plan that replay's checks let through, on a model the file's arguments built
+        if on_meta:
+            raise
+        raise CheckpointError(f"{source}: cannot convert {config.architecture} as the file records "
+                              f"({_failure(err)})") from err
 
 
 def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
@@ -294,11 +485,12 @@ def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
     (on the CPU for builders that need real tensors) and its state-dict layout compared.
     """
     try:
+        parsed = CheckpointConfig.from_dict(config, "the config to save")
         try:
             with torch.device("meta"):
-                expected = _rebuild(config, "the config to save").state_dict()
+                expected = _rebuild(parsed, "the config to save").state_dict()
         except Exception:  # builders that need real tensors (.item(), .tolist()); a real failure recurs on the CPU
-            expected = _rebuild(config, "the config to save").state_dict()
+            expected = _rebuild(parsed, "the config to save").state_dict()
     except (CheckpointError, ConversionError) as err:  # the recorded plan does not fit what the config builds
         problem = str(err)
     else:
@@ -345,18 +537,22 @@ def _config(model: nn.Module, parity: Report | None, model_args: Mapping[str, An
     return config
 
 
-def _files(path: Path) -> tuple[Path, Path | None]:
-    """``(weights file, config.json or None)`` that ``save`` writes for ``path``."""
-    if path.suffix == ".safetensors":
-        return path, None
-    return path / WEIGHTS_NAME, path / CONFIG_NAME
+def _is_folder(path: Path) -> bool:
+    """Whether ``save`` writes ``path`` as a folder (the Hugging Face/timm layout) or one file."""
+    return path.suffix != ".safetensors"
 
 
-def refuse_overwrite(path: str | os.PathLike) -> None:
-    """Raise ``CheckpointError`` if ``save(..., path)`` would replace an existing file."""
-    existing = [str(f) for f in _files(Path(path)) if f is not None and f.exists()]
-    if existing:
-        raise CheckpointError(f"output exists: {_few(existing)}; pass --force (force=True) to overwrite it")
+def check_writable(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Raise the ``CheckpointError`` that writing ``save(..., path, force=force)`` would meet
+    (an existing output without ``force``, a file where a folder goes, an unwritable folder,
+    a name too long), before the work that produces the model; returns ``path`` as a Path."""
+    path = Path(path)
+    return _refuse_overwrite(path, folder=_is_folder(path), force=force, replaces=(WEIGHTS_NAME, CONFIG_NAME),
+                            error=CheckpointError)
+
+
+def _write_weights(model: nn.Module, path: Path, config: dict[str, Any]) -> None:
+    safetensors.torch.save_model(model, str(path), metadata={"format": "pt", _METADATA_KEY: json.dumps(config)})
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = None, force: bool = False,
@@ -365,9 +561,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = N
 
     ``path`` ending in ``.safetensors`` is one file; any other path is a folder in the
     Hugging Face/timm layout. ``parity`` (from ``icrewrite.verify``) is recorded as a
-    summary. Each file is written to a temporary name and renamed, weights before
-    config; an existing file is only replaced with ``force=True``. Tied weights are
-    stored once (``safetensors.torch.save_model``).
+    summary. The output is written under a temporary sibling name and published by one
+    rename (``icrewrite.files``): a kill leaves the old output or the new one, and of two
+    concurrent writers one succeeds and the other is refused; an existing output is only
+    replaced with ``force=True``. Tied weights are stored once (``safetensors.torch.save_model``).
 
     The config records the arguments the model was built with (``model_args``), for ``load``
     to rebuild it. timm >= 1.0.31 records them in ``timm.create_model``, and ``load_model``
@@ -375,17 +572,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, parity: Report | None = N
     only what the model shows (``num_classes``, ``in_chans``, ``global_pool``) is known: give
     the others as ``model_args`` (a config that would rebuild another architecture is refused).
     """
-    path = Path(path)
-    weights, config_file = _files(path)
-    if not force:
-        refuse_overwrite(path)
+    path = check_writable(path, force=force)
+    check_model_usable(model, "save")
     config = _config(model, parity, model_args)
-    text = json.dumps(config, indent=2)
-    with atomic_path(weights) as tmp:
-        safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt", _METADATA_KEY: json.dumps(config)})
-    if config_file is not None:
-        with atomic_path(config_file) as tmp:
-            tmp.write_text(text + "\n")
+    if not _is_folder(path):
+        with atomic_path(path, force=force, error=CheckpointError) as tmp:
+            _write_weights(model, tmp, config)
+        return path
+    with atomic_folder(path, force=force, replaces=(WEIGHTS_NAME, CONFIG_NAME), error=CheckpointError) as tmp:
+        _write_weights(model, tmp / WEIGHTS_NAME, config)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -394,13 +590,13 @@ def _config_or_none(path: Path) -> dict[str, Any] | None:
     file = path / CONFIG_NAME if path.is_dir() else path
     try:
         if path.is_dir():
-            config = json.loads(file.read_text()) if file.is_file() else {}
+            config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
         elif path.suffix == ".safetensors":
             with safetensors.safe_open(str(file), "pt") as f:
                 config = json.loads((f.metadata() or {}).get(_METADATA_KEY, "{}"))
         else:
             return None
-    except (OSError, ValueError, safetensors.SafetensorError) as err:
+    except (OSError, ValueError, RecursionError, safetensors.SafetensorError) as err:
         raise _read_error(file, err, unsafe_pickle=False) from err
     return config if isinstance(config, dict) and "icrewrite" in config else None
 
@@ -417,26 +613,59 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _recorded_plan(path: str | os.PathLike, section: dict[str, Any]) -> Plan | None:
-    """The plan a checkpoint records, or None when it has none (written before plans were
-    recorded, or of a model that was not converted)."""
-    recorded = section.get("plan")
+def _recorded_plan(source: str | os.PathLike, recorded: dict[str, Any] | None) -> Plan | None:
+    """The plan a checkpoint records (parsed by ``Plan.from_dict``), or None when it has none
+    (written before plans were recorded, or of a model that was not converted)."""
     if recorded is None:
         return None
     try:
         return Plan.from_dict(recorded)
     except ConversionError as err:
-        raise CheckpointError(f"{path}: {err}") from err
+        raise CheckpointError(f"{source}: {err}") from err
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> CheckpointConfig:
+    """The config ``save`` wrote to ``path``, parsed and checked (see ``CheckpointConfig``)."""
+    return CheckpointConfig.from_dict(read_config(path), path)
+
+
+def _stored_shapes(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file as meta tensors of their shapes (its header only)."""
+    try:
+        with safetensors.safe_open(str(weights), "pt") as f:
+            stored = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            aliases = f.metadata() or {}
+    except (OSError, ValueError, safetensors.SafetensorError) as err:
+        raise _read_error(weights, err, unsafe_pickle=False) from err
+    return {**stored, **{name: stored[kept] for name, kept in aliases.items() if kept in stored}}
+
+
+def _check_fits(config: CheckpointConfig, weights: Path) -> None:
+    """Build the recorded architecture on the meta device and compare it with the shapes the
+    weights file holds: a config that describes another or a larger model is refused before
+    any memory is allocated for it (builders that need real tensors are checked after)."""
+    try:
+        with torch.device("meta"):
+            model = _rebuild(config, weights.parent if weights.name == WEIGHTS_NAME else weights, on_meta=True)
+    except ICRewriteError:
+        raise
+    except Exception:  # builders that read tensor values cannot run on meta; the real build checks them
+        return
+    fit_state_dict(model, _stored_shapes(weights), source=str(weights))
 
 
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model ``save`` wrote, in eval mode: the timm architecture from the recorded
     arguments, converted by replaying the recorded plan (no tracing or analysis; a file without
-    a plan is converted with its recorded options), then the weights loaded strictly."""
+    a plan is converted with its recorded options), then the weights loaded strictly.
+
+    The recorded config is parsed and checked first (``CheckpointConfig``), and the model it
+    describes compared with the file's tensor shapes on the meta device, before it is built."""
     path = Path(path)
-    config = read_config(path)
-    model = _rebuild(config, path)
+    config = read_checkpoint_config(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
+    _check_fits(config, weights)
+    model = _rebuild(config, path)
     fit_state_dict(model, read_state_dict(weights), source=str(weights))
     return model.eval()
 
@@ -448,13 +677,16 @@ def check(path: str | os.PathLike) -> tuple[nn.Module, float]:
     ``icrewrite.verify.TOLERANCE`` the file no longer computes what was saved.
     """
     model = load(path)
-    probe = read_config(path)["icrewrite"]["probe"]
-    x = _seeded_batch([1, *probe["input_size"]], probe["seed"], next(model.parameters()).device)
-    expected = torch.tensor(probe["values"])
-    actual = torch.tensor(_probe(model, x))
+    probe = read_checkpoint_config(path).probe
+    x = _seeded_batch([1, *probe.input_size], probe.seed, next(model.parameters()).device)
+    expected = torch.tensor(probe.values)
+    try:
+        actual = torch.tensor(_probe(model, x))
+    except (RuntimeError, ValueError) as err:  # a probe input the model cannot take
+        raise CheckpointError(f"{path}: the recorded probe input {list(probe.input_size)} does not fit the model "
+                              f"({str(err).splitlines()[0][:120]})") from err
     if actual.shape != expected.shape:
         return model, float("inf")
     scale = expected.abs().max().item()
     error = (actual - expected).abs().max().item()
     return model, error / scale if scale > 0 else error
-

@@ -292,8 +292,8 @@ def test_existing_output_is_kept_without_force(tmp_path, original, capsys):
     assert run_main(capsys, "convert", *MODEL_ARGS, "--checkpoint", weights, "-o", out)[0] == 0
     before = {p.name: digest(p) for p in out.iterdir()}
     code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "-o", out, "--p", "0.1")
-    assert code == 2 and error_lines(stderr) == [f"error: output exists: {out}/model.safetensors, {out}/config.json; "
-                                                 "pass --force (force=True) to overwrite it"]
+    assert code == 2 and error_lines(stderr) == [f"error: output exists: {out}; pass --force (force=True) "
+                                                 "to overwrite it"]
     assert {p.name: digest(p) for p in out.iterdir()} == before
     assert run_main(capsys, "convert", *MODEL_ARGS, "-o", out, "--p", "0.1", "--force")[0] == 0
     assert icrewrite.load(out).icrewrite_options["p"] == 0.1

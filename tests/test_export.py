@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +319,23 @@ def test_cli_exports_a_saved_converted_model(tmp_path, capsys):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     with pytest.raises(ExportError, match="exists"):
         args.func(args)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_onnx_file_gets_the_umask_permissions_and_no_scratch_is_left(tmp_path, monkeypatch, umask):
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch_root))
+    previous = os.umask(umask)
+    try:
+        export_onnx(with_ic(nn.Linear(3, 3)), tmp_path / "m.onnx", input_size=(3,), exporters=("torchscript",))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert list(scratch_root.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tmp"]
+
+
+def test_a_folder_is_not_replaced_by_the_onnx_file(tmp_path):
+    (tmp_path / "m.onnx").mkdir()
+    with pytest.raises(ExportError, match="m.onnx is a folder; a file is written there"):
+        export_onnx(nn.Linear(3, 3), tmp_path / "m.onnx", input_size=(3,), force=True)

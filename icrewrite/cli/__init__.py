@@ -17,7 +17,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import nn
 
@@ -35,10 +35,13 @@ __all__ = [
     "conversion_options",
     "given_conversion_flags",
     "progress",
+    "positive_int",
+    "describe_error",
 ]
 
 EXIT_ERROR = 2  # a user error: bad input, unreadable or unsafe file
 EXIT_FAILED = 1  # the command ran but a check it makes failed
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 def progress(message: str) -> None:
@@ -61,7 +64,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="weights to load into MODEL: .safetensors, .pth, .pth.tar or .bin, a plain state "
                              "dict or one nested under state_dict/model/state_dict_ema")
-    parser.add_argument("--num-classes", type=int, metavar="N", help="classifier size of MODEL (timm num_classes)")
+    parser.add_argument("--num-classes", type=positive_int, metavar="N",
+                        help="classifier size of MODEL (timm num_classes)")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (download)")
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="UNSAFE: unpickle --checkpoint with weights_only=False, which runs any code the "
@@ -113,9 +117,16 @@ def given_conversion_flags(args: argparse.Namespace) -> list[str]:
     return [_FLAGS[name] for name, value in given.items() if value != defaults[name]]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser, with one sub-parser per command module of this package."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="icrewrite",
         description="Rewrite timm models into Independent-Component (IC) networks: BatchNorm + Dropout "
                     "before every weight layer (Chen et al., arXiv 1905.05928).",
@@ -135,15 +146,55 @@ def _print_warning(message: Warning | str, category: type[Warning], *_: Any, **_
     print(f"warning: {message}", file=sys.stderr)
 
 
+def positive_int(text: str) -> int:
+    """The argparse type of every count and size on the command line: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _shown(name: str, most: int = 120) -> str:
+    return name if len(name) <= most else f"{name[:most - 20]}...{name[-12:]}"
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an expected failure: the message of an ``ICRewriteError``, the file and
+    the reason of an ``OSError``, what could not be decoded of a ``UnicodeError``."""
+    if isinstance(err, ICRewriteError):
+        text = str(err)
+    elif isinstance(err, OSError) and err.strerror:
+        names = [_shown(str(n)) for n in (err.filename, err.filename2) if n is not None]
+        text = f"{' -> '.join(names) + ': ' if names else ''}{err.strerror}"
+    elif isinstance(err, UnicodeError):
+        text = f"cannot decode the input as text ({err})"
+    else:
+        text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return " ".join(text.split())  # one line, whatever the message held
+
+
+EXPECTED_ERRORS = (ICRewriteError, OSError, UnicodeError)  # bad input, unreadable or unwritable files, undecodable data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (0 success, 1 a check failed, 2 an error)."""
+    """Run one command; returns the exit code (0 success, 1 a check failed, 2 an error).
+
+    Expected failures (``EXPECTED_ERRORS``: an ``ICRewriteError``, an ``OSError`` on an input
+    or output, undecodable data) print one ``error:`` line and return 2; anything else is a
+    bug and keeps its traceback. ``--debug`` shows the traceback of every failure."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         try:
             return args.func(args)
-        except ICRewriteError as err:
+        except EXPECTED_ERRORS as err:
             if args.debug:
                 traceback.print_exc()
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {describe_error(err)}", file=sys.stderr)
             return EXIT_ERROR
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED

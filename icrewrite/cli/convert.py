@@ -7,16 +7,15 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from timm.data import resolve_model_data_config
 from torch import nn
 from tqdm import tqdm
 
 from .. import convert, verify
-from ..checkpoint import example_input, refuse_overwrite, save
+from ..checkpoint import check_writable, example_input, save
 from ..errors import ConversionError
 from ..rewrite import TOLERANCE
 from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, given_conversion_flags,
-               model_from_args, progress)
+               model_from_args, positive_int, progress)
 from .plan import read_plan
 
 CALIBRATION_BATCH_SIZE = 32
@@ -42,7 +41,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--calibrate", metavar="DATA",
                         help="set IC statistics from real images: 'digits', an ImageFolder directory or a timm "
                              "dataset NAME:ROOT (with --init preserve)")
-    parser.add_argument("--calibrate-batches", type=int, default=8, metavar="N",
+    parser.add_argument("--calibrate-batches", type=positive_int, default=8, metavar="N",
                         help=f"calibration batches of {CALIBRATION_BATCH_SIZE} images (default 8)")
     parser.add_argument("--verify", action="store_true",
                         help="check that the converted model computes the original function in eval mode; "
@@ -52,11 +51,9 @@ def register(subparsers: Any) -> None:
 
 def calibration_batches(data: str, model: nn.Module, batches: int) -> Iterable:
     """``batches`` batches of ``data`` at ``model``'s input size and normalisation, with a progress bar."""
-    from ..train.data import make_loader  # scikit-learn and timm's datasets: only for commands that read data
+    from ._data import model_loader  # scikit-learn and timm's datasets: only for commands that read data
 
-    config = resolve_model_data_config(model)
-    loader = make_loader(data, "train", CALIBRATION_BATCH_SIZE, config["input_size"][-1], augment=False,
-                         mean=tuple(config["mean"]), std=tuple(config["std"]))
+    loader = model_loader(model, data, "train", CALIBRATION_BATCH_SIZE, augment=False)
     return tqdm(itertools.islice(loader, batches), total=min(batches, len(loader)), desc="calibrating",
                 unit="batch", file=sys.stderr)
 
@@ -73,8 +70,7 @@ def _conversion(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.force:
-        refuse_overwrite(args.output)  # before minutes of work, not after
+    check_writable(args.output, force=args.force)  # before minutes of work, not after
     conversion = _conversion(args)
     original = model_from_args(args)
     calibration = calibration_batches(args.calibrate, original, args.calibrate_batches) if args.calibrate else None
@@ -85,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
     report = verify(original, converted, example_input(original) if args.verify else None)
     print(report)
     if not report.ok:
-        raise ConversionError(f"the converted model does not compute the original function (relative error "
-                              f"{report.max_rel_error:.3g} > {TOLERANCE:g}); nothing was written")
+        why = report.non_finite or f"relative error {report.max_rel_error:.3g} > {TOLERANCE:g}"
+        raise ConversionError(f"the converted model does not compute the original function ({why}); nothing was "
+                              "written")
     progress(f"writing {args.output}")
     save(converted, args.output, parity=report, force=args.force)
     print(f"wrote {args.output}")

@@ -8,7 +8,7 @@ from typing import Any
 from ..deploy import EXPORTERS
 from ..errors import ExportError
 from ..files import refuse_overwrite
-from . import add_command, add_model_arguments, model_from_args, progress
+from . import add_command, add_model_arguments, model_from_args, positive_int, progress
 
 
 def register(subparsers: Any) -> None:
@@ -23,9 +23,9 @@ def register(subparsers: Any) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the .onnx file to write")
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+    parser.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                         help="input image size (default: the model's pretrained_cfg input_size)")
-    parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
     parser.add_argument("--exporter", choices=EXPORTERS, action="append", dest="exporters",
                         help="use only this exporter (repeat to give an order; default: dynamo, then torchscript)")
     parser.add_argument("--no-fold", dest="fold", action="store_false",
@@ -44,8 +44,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..deploy.onnx import export_onnx  # onnx and onnxruntime: only when exporting
 
-    if not args.force:
-        refuse_overwrite(args.output, error=ExportError)  # before loading and exporting, not after
+    refuse_overwrite(args.output, force=args.force, error=ExportError)  # before loading and exporting, not after
     model = model_from_args(args)
     progress(f"exporting to {args.output}")
     report = export_onnx(

@@ -5,18 +5,18 @@ import argparse
 from typing import Any
 
 import torch
-from timm.data import resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import convert
 from ..rewrite import options_of
-from ..train.data import DIGITS, make_loader, num_classes
+from ..train.data import DIGITS, num_classes
 from ..train import FinetuneConfig, FinetuneResult, finetune
 from ..train.loop import is_primary
+from ._data import DIGITS_IMG_SIZES, model_img_size, model_loader
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
 
-DIGITS_IMG_SIZE = 32
+DIGITS_IMG_SIZE = DIGITS_IMG_SIZES["finetune"]
 
 
 def register(subparsers: Any) -> None:
@@ -104,12 +104,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def loaders_from_args(args: argparse.Namespace, model: nn.Module) -> list[DataLoader]:
     """``[train, validation]`` loaders of ``--data`` at ``--img-size`` (default: what the model expects)."""
-    data_config = resolve_model_data_config(model)
-    img_size = args.img_size or (DIGITS_IMG_SIZE if args.data == DIGITS else data_config["input_size"][-1])
+    img_size = model_img_size(model, args.data, args.img_size, DIGITS_IMG_SIZE)
     progress(f"reading {args.data} at {img_size}x{img_size}")
     workers = args.workers if args.workers is not None else (0 if args.data == DIGITS else 4)
-    return [make_loader(args.data, split, args.batch_size, img_size, num_workers=workers,
-                        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+    return [model_loader(model, args.data, split, args.batch_size, img_size=img_size, num_workers=workers)
             for split in ("train", "validation")]
 
 

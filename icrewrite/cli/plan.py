@@ -37,18 +37,18 @@ def register(subparsers: Any) -> None:
 def write_plan(the_plan: Plan, path: str | os.PathLike, *, force: bool = False) -> None:
     """Write ``the_plan.to_dict()`` as JSON, atomically; an existing file only with ``force``."""
     with atomic_path(path, force=force) as tmp:
-        tmp.write_text(json.dumps(the_plan.to_dict(), indent=2) + "\n")
+        tmp.write_text(json.dumps(the_plan.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
     """The plan in a file ``write_plan`` wrote; a missing, unreadable or malformed one is a
     one-line ``ConversionError`` naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise ConversionError(f"{path}: cannot read the plan ({err.strerror or err})") from err
-    except ValueError as err:
-        raise ConversionError(f"{path}: not a JSON plan ({err})") from err
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than json reads
+        raise ConversionError(f"{path}: not a JSON plan ({str(err)[:120]})") from err
     try:
         return Plan.from_dict(data)
     except ConversionError as err:
@@ -57,8 +57,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
 
 def run(args: argparse.Namespace) -> int:
     to_file = args.json not in (None, STDOUT)
-    if to_file and not args.force:
-        refuse_overwrite(args.json)  # before the model is built and traced, not after
+    if to_file:
+        refuse_overwrite(args.json, force=args.force)  # before the model is built and traced, not after
     the_plan = plan(model_from_args(args), **conversion_options(args))
     if args.json == STDOUT:
         print(json.dumps(the_plan.to_dict(), indent=2))

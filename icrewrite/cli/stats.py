@@ -4,22 +4,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from timm.data import resolve_model_data_config
-
 from .. import convert
-from ..train.data import DIGITS, make_loader
+from ..train.data import DIGITS
 from ..errors import ICRewriteError
+from ..files import refuse_overwrite
 from ..independence import MAX_BATCHES, MAX_BINS, MAX_PAIRS, MAX_SAMPLES, has_ic_blocks, stats
-from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
+from ._data import DIGITS_IMG_SIZES, model_loader
+from . import (add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args,
+               positive_int, progress)
 
-DIGITS_IMG_SIZE = 64  # 8x8 digits upscaled; 64 leaves 2x2 positions per image at a ResNet's last stage
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -38,16 +31,16 @@ def register(subparsers: Any) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", default=DIGITS, metavar="DATA",
                         help="'digits' (embedded, default), an ImageFolder directory or a timm dataset NAME:ROOT")
-    parser.add_argument("--img-size", type=_positive, metavar="PIXELS",
-                        help=f"image size (default: {DIGITS_IMG_SIZE} for digits, else the model's input size)")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="images per batch (default 32)")
-    parser.add_argument("--batches", type=_positive, default=MAX_BATCHES,
+    parser.add_argument("--img-size", type=positive_int, metavar="PIXELS",
+                        help=f"image size (default: {DIGITS_IMG_SIZES['stats']} for digits, else the model's input size)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--batches", type=positive_int, default=MAX_BATCHES,
                         help=f"batches to measure (default {MAX_BATCHES})")
-    parser.add_argument("--pairs", type=_positive, default=MAX_PAIRS,
+    parser.add_argument("--pairs", type=positive_int, default=MAX_PAIRS,
                         help=f"feature pairs per site: all pairs among k random features (default {MAX_PAIRS})")
-    parser.add_argument("--samples", type=_positive, default=MAX_SAMPLES,
+    parser.add_argument("--samples", type=positive_int, default=MAX_SAMPLES,
                         help=f"positions per batch and site, drawn at random (default {MAX_SAMPLES})")
-    parser.add_argument("--bins", type=_positive, default=MAX_BINS,
+    parser.add_argument("--bins", type=positive_int, default=MAX_BINS,
                         help=f"most quantile bins per feature for mutual information (default {MAX_BINS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches, pairs, positions and dropout masks")
     parser.add_argument("--png", metavar="PATH", help="also write per-layer bar charts to PATH")
@@ -58,6 +51,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.png:
+        refuse_overwrite(args.png, force=True)  # a writable place for the chart, before the measurement
     model = model_from_args(args)
     converted = has_ic_blocks(model)
     original = None
@@ -70,10 +65,8 @@ def run(args: argparse.Namespace) -> int:
     elif not converted:
         progress(f"{args.model} has no IC blocks: measuring the inputs of its weight layers "
                  "(--compare-original converts it and measures both)")
-    config = resolve_model_data_config(model)
-    img_size = args.img_size or (DIGITS_IMG_SIZE if args.data == DIGITS else config["input_size"][-1])
-    loader = make_loader(args.data, "train", args.batch_size, img_size, augment=False,
-                         mean=tuple(config["mean"]), std=tuple(config["std"]), seed=args.seed)
+    loader = model_loader(model, args.data, "train", args.batch_size, img_size=args.img_size,
+                          digits_img_size=DIGITS_IMG_SIZES["stats"], augment=False, seed=args.seed)
     report = stats(model, loader, original=original, max_batches=args.batches, max_pairs=args.pairs,
                    max_samples=args.samples, max_bins=args.bins, seed=args.seed, progress=True)
     print(report)

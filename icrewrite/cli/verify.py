@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from .. import verify
-from ..checkpoint import check, example_input, load_model, read_config
-from ..rewrite import TOLERANCE, Report
+from ..checkpoint import CheckpointConfig, check, example_input, load_model, read_checkpoint_config
+from ..rewrite import TOLERANCE
 from . import EXIT_FAILED, add_command, progress
 
 
@@ -29,25 +28,17 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _describe(config: dict[str, Any]) -> str:
-    args = ", ".join(f"{k}={v}" for k, v in config.get("model_args", {}).items())
-    section = config["icrewrite"]
-    options = section["options"]
+def _describe(config: CheckpointConfig) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in config.model_args.items())
+    options = config.options.to_dict() if config.options is not None else None
     how = ("converted with " + ", ".join(f"{k}={v}" for k, v in options.items())) if options else "not converted"
-    return f"{config['architecture']}({args}), {how}, written by icrewrite {section['version']}"
-
-
-def _recorded_parity(config: dict[str, Any]) -> Report | None:
-    parity = config["icrewrite"]["parity"]
-    if parity is None:
-        return None
-    return Report(**{f.name: parity[f.name] for f in dataclasses.fields(Report)})
+    return f"{config.architecture}({args}), {how}, written by icrewrite {config.version}"
 
 
 def run(args: argparse.Namespace) -> int:
-    config = read_config(args.path)
+    config = read_checkpoint_config(args.path)
     print(f"{args.path}: {_describe(config)}")
-    parity = _recorded_parity(config)
+    parity = config.parity
     if parity is not None:
         print("recorded at conversion:\n  " + str(parity).replace("\n", "\n  "))
     progress(f"rebuilding {args.path}")
@@ -59,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.original:
         progress(f"loading {args.original}")
         original = load_model(args.original, checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle,
-                              **config.get("model_args", {}))
+                              **config.model_args)
         report = verify(original, model, example_input(model))
         print(f"against {args.original}:\n  " + str(report).replace("\n", "\n  "))
         ok = ok and report.ok

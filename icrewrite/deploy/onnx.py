@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ from torch import nn
 
 from .. import compat, model_info
 from ..errors import ExportError, require
-from ..files import atomic_path, refuse_overwrite
-from ..rewrite import TOLERANCE, output_tensors
+from ..files import atomic_path, refuse_overwrite, scratch_folder
+from ..rewrite import TOLERANCE, options_of, output_tensors
 from . import EXPORTERS
 from .fold import FoldReport, fold_ic
 
@@ -131,9 +130,7 @@ def export_onnx(
 
     Raises ExportError when no exporter produces a file that verifies.
     """
-    path = Path(path)
-    if not force:
-        refuse_overwrite(path, error=ExportError)
+    path = refuse_overwrite(path, force=force, error=ExportError)
     input_size = _input_size(model, input_size)
     deployed = copy.deepcopy(model).cpu().eval()
     batches = (1, 4) if dynamic_batch else (1,)
@@ -144,7 +141,7 @@ def export_onnx(
     metadata = _metadata(model, input_size, dynamic_batch, fold_report)
     example = _random_input(_EXAMPLE_BATCH if dynamic_batch else 1, input_size)
     rejected: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="icrewrite-export-") as scratch:
+    with scratch_folder("export") as scratch:
         for exporter in exporters:
             exported = Path(scratch) / f"{exporter}.onnx"
             file_metadata = {**metadata, "icrewrite_exporter": exporter}
@@ -156,7 +153,7 @@ def export_onnx(
             except Exception as error:  # any exporter or verification failure: try the next exporter
                 rejected[exporter] = _one_line(error)
                 continue
-            with atomic_path(path) as tmp:
+            with atomic_path(path, force=force, error=ExportError) as tmp:
                 onnx.save_model(proto, tmp)
             return ExportReport(
                 path=path,
@@ -205,7 +202,7 @@ def _metadata(
     }
     if name := model_info.timm_architecture(model):
         metadata["timm_model"] = name
-    if (options := getattr(model, "icrewrite_options", None)) is not None:
+    if (options := options_of(model)) is not None:
         metadata["icrewrite_options"] = json.dumps(options)
     return metadata
 

@@ -19,7 +19,7 @@ from ._plan import (INITS, SCHEMA_VERSION, Edit, FoldNorm, InsertIC, InsertICAft
 from ._probe import LayerWatch, probe_weight_use
 from ._reroute import Reroute, class_path, find_reroute, import_class, route
 from ._trace import Scope, trace_scopes
-from ._verify import TOLERANCE, Report, output_tensors, verify
+from ._verify import TOLERANCE, Report, eval_mode, output_tensors, verify
 
 __all__ = [
     "trace_scopes", "Scope", "analyse", "Analysis", "Layer", "NormBeforeAct", "Reroute", "find_reroute", "route",
@@ -27,5 +27,5 @@ __all__ = [
     "InsertIC", "FoldNorm", "ReplaceNormAct", "RouteThroughModule", "MoveAct", "InsertICAfter", "Statistics",
     "ActivationRef", "ModuleActivation", "FunctionActivation", "Note", "Options", "INITS", "SCHEMA_VERSION",
     "convert", "replay", "apply", "fold_bn_into", "options_of", "plan_of", "clone_module", "activation_moments",
-    "site_moments", "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors",
+    "site_moments", "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors", "eval_mode",
 ]

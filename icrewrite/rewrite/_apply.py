@@ -23,6 +23,7 @@ from ..errors import ConversionError
 from ..layers import IC, attach_ic
 from ._clone import clone_module
 from ._init_stats import calibrate, site_moments
+from ._inputs import check_convert_arguments
 from ._layouts import branch_end_module
 from ._plan import (FoldNorm, InsertIC, InsertICAfter, MoveAct, Options, Plan, ReplaceNormAct, RouteThroughModule,
                     make_plan)
@@ -183,6 +184,8 @@ def convert(
     of the same architecture (also through ``Plan.to_dict()``/``from_dict()``), to convert by
     it instead of tracing the model; its options apply.
     """
+    calibration = check_convert_arguments(model, p=p, exclude=exclude, calibration=calibration,
+                                          calibration_batches=calibration_batches)
     options = Options(p=p, init=init, stem=stem, head=head, exclude=exclude, layout=layout)
     if plan is not None:
         if options not in (Options(), plan.options):

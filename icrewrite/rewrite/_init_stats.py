@@ -23,6 +23,7 @@ from torch import nn
 
 from ..layers import IC, feature_columns
 from ._patterns import Activation, FunctionActivation
+from ._verify import eval_mode
 
 __all__ = ["activation_moments", "site_moments", "calibrate"]
 
@@ -113,20 +114,18 @@ def calibrate(model: nn.Module, data: Iterable | torch.Tensor, *, max_batches: i
         acc[2] = acc[2] + x.shape[0]
 
     handles = [b.register_forward_pre_hook(record) for b in blocks]
-    was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
     used = 0
     try:
-        for x in _batches(data):
-            if used >= max_batches:
-                break
-            model(x.to(device))
-            used += 1
+        with eval_mode(model):
+            for x in _batches(data):
+                if used >= max_batches:
+                    break
+                model(x.to(device))
+                used += 1
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     for block, (s1, s2, n) in sums.items():
         mean = s1 / n
         var = (s2 / n - mean * mean).clamp_min(1e-6)

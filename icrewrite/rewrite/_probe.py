@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import model_info
 from ..registry import WEIGHT_FUNCTIONS
 from ._kept import attributes_kept
+from ._verify import eval_mode
 
 __all__ = ["Usage", "LayerWatch", "probe_weight_use"]
 
@@ -158,13 +159,9 @@ def probe_weight_use(model: nn.Module, layers: Iterable[str], input_size: tuple[
                  for name, t in [*model.named_parameters(), *model.named_buffers()]}
     weights = {id(stand_ins[f"{name}.weight"]): name for name in modules if f"{name}.weight" in stand_ins}
     x = torch.empty(2, *(model_info.input_size(model, input_size) or model_info.DEFAULT_INPUT_SIZE), device="meta")
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad(), attributes_kept(model), _Probe(modules, weights) as watch:
+        with eval_mode(model), torch.no_grad(), attributes_kept(model), _Probe(modules, weights) as watch:
             torch.func.functional_call(model, stand_ins, (x,), strict=False)
     except Exception:  # data-dependent code cannot run on meta tensors: nothing learned
         return None
-    finally:
-        model.train(was_training)
     return Usage(watch.called, watch.outside, watch.features)

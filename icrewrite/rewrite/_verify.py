@@ -5,7 +5,9 @@ plan's predicted delta); function parity from running both in eval mode on one i
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,8 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
+from ._inputs import check_model_usable
 
-__all__ = ["Report", "verify", "output_tensors"]
+__all__ = ["Report", "verify", "output_tensors", "eval_mode"]
 
 TOLERANCE = 1e-4  # max abs error allowed, relative to max |output|
 
@@ -26,6 +29,7 @@ class Report:
     changes: dict[str, int] = field(default_factory=dict)  # module -> parameter delta
     max_abs_error: float | None = None
     max_rel_error: float | None = None  # max abs error / max |original output|
+    non_finite: str | None = None  # where NaN or infinite values were found (parameters, buffers, outputs)
 
     @property
     def param_delta(self) -> int:
@@ -38,7 +42,7 @@ class Report:
     @property
     def ok(self) -> bool:
         """True when the function is preserved within tolerance (or was not checked)."""
-        return self.max_rel_error is None or self.max_rel_error <= TOLERANCE
+        return self.non_finite is None and (self.max_rel_error is None or self.max_rel_error <= TOLERANCE)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "param_delta": self.param_delta, "param_delta_pct": self.param_delta_pct,
@@ -55,6 +59,8 @@ class Report:
         ]
         if self.max_abs_error is not None:
             verdict = "function preserved" if self.ok else "FUNCTION CHANGED"
+            if self.non_finite:
+                verdict += f" ({self.non_finite})"
             lines.append(f"eval output: max abs error {self.max_abs_error:.3g}, relative {self.max_rel_error:.3g} "
                          f"(tolerance {TOLERANCE:g}): {verdict}")
         return "\n".join(lines)
@@ -85,22 +91,50 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
-@torch.no_grad()
-def _eval_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in (train or eval)."""
     was_training = model.training
     model.eval()
     try:
-        return output_tensors(model(x))
+        yield model
     finally:
         model.train(was_training)
 
 
+@torch.no_grad()
+def _eval_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with eval_mode(model):
+        return output_tensors(model(x))
+
+
+def _not_finite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    return [name for name, t in named if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all()]
+
+
+def _non_finite(original: nn.Module, converted: nn.Module, outputs: dict[str, list[torch.Tensor]]) -> str | None:
+    """Where NaN or infinite values are, named: parameters and buffers first (the cause), else outputs."""
+    found = []
+    for which, model in (("original", original), ("converted", converted)):
+        names = _not_finite([*model.named_parameters(), *model.named_buffers()])
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            found.append(f"NaN or infinite values in the {which} model's {shown}")
+    if not found:
+        found = [f"NaN or infinite values in the {which} model's output"
+                 for which, tensors in outputs.items() if _not_finite([("", t) for t in tensors])]
+    return "; ".join(found) or None
+
+
 def verify(original: nn.Module, converted: nn.Module, example_input: torch.Tensor | None = None) -> Report:
     """Parameter parity and, given ``example_input``, eval-mode output error of ``converted``."""
+    for model in (original, converted):  # parameter parity reads shapes only; outputs need real tensors
+        check_model_usable(model, "verify", real_tensors=example_input is not None)
     before, after = _param_counts(original), _param_counts(converted)
     report = Report(sum(before.values()), sum(after.values()), _changes(before, after))
     if example_input is not None:
         ref, out = _eval_outputs(original, example_input), _eval_outputs(converted, example_input)
+        report.non_finite = _non_finite(original, converted, {"original": ref, "converted": out})
         if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
             raise ConversionError("the two models return outputs of different structure or shape")
         abs_err = max(((a.float() - b.float()).abs().max().item() for a, b in zip(ref, out)), default=0.0)
