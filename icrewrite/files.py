@@ -236,7 +236,8 @@ def _publish_new(tmp: Path, path: Path, error: type[ICRewriteError]) -> None:
                   "pass --force (force=True) to overwrite it")
     try:
         if path.is_dir() and not path.is_symlink():
-            os.rmdir(path)  # an empty folder; fails if another writer has filled it since
+            with contextlib.suppress(FileNotFoundError):  # another writer removed it first: the rename decides
+                os.rmdir(path)  # an empty folder; fails if another writer has filled it since
         if _renameat2(tmp, path, _RENAME_NOREPLACE):
             return
         if tmp.is_dir():
