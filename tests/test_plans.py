@@ -7,6 +7,7 @@ import json
 import pickle
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -248,3 +249,32 @@ def test_a_converted_model_keeps_its_plan_through_copies_and_pickles():
     for copied in (clone_module(converted), copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
         assert plan_of(copied) == expected
     assert icrewrite.convert(converted).icrewrite_plan == converted.icrewrite_plan  # converting again: no change
+
+
+PLAN_FIXTURES = Path(__file__).resolve().parent / "data" / "plans"  # schema 1, see data/write_fixtures.py
+
+
+def test_every_case_has_a_plan_written_earlier():
+    assert sorted(p.stem for p in PLAN_FIXTURES.glob("*.json")) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_written_earlier_reads_as_todays_plan_and_replays_equal(case, monkeypatch):
+    """Plans written by an earlier icrewrite (schema 1) stay readable: each reads as the plan
+    today's code makes for the same model and options, and converts a fresh model as
+    ``convert(model, **options)`` does. Keep these files and this test."""
+    name, options = CASES[case]
+    written = json.loads((PLAN_FIXTURES / f"{case}.json").read_text())
+    assert written["schema"] == 1
+    read = Plan.from_dict(written)
+    assert read == icrewrite.plan(build(name), **options)
+    expected = icrewrite.convert(build(name), **options)
+    no_planning(monkeypatch)
+    converted = icrewrite.convert(build(name), plan=read)
+    actual, wanted = converted.state_dict(), expected.state_dict()
+    assert actual.keys() == wanted.keys()
+    assert [k for k in wanted if not torch.equal(actual[k], wanted[k])] == []
+    assert {n: type(m) for n, m in converted.named_modules()} == {n: type(m) for n, m in expected.named_modules()}
+    x = torch.randn(2, 3, MODELS[name][1], MODELS[name][1])
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), expected.eval()(x))
