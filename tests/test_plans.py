@@ -176,7 +176,7 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
 
 _DELETE = object()
 MALFORMED = {
-    "another schema version": (_set("schema", SCHEMA_VERSION + 1), "plan schema version 2 is not supported"),
+    "another schema version": (_set("schema", SCHEMA_VERSION + 1), "plan schema version 3 is not supported"),
     "no schema version": (_set("schema", _DELETE), "not a plan"),
     "an unknown key": (_set("extra", 1), "malformed plan: plan: unknown extra"),
     "a missing key": (_set("notes", _DELETE), "malformed plan: plan: missing notes"),
@@ -190,7 +190,9 @@ MALFORMED = {
     "an activation argument that is no constant": (_set("edit:insert-ic.statistics", {"norm": "bn1", "activation": {
         "function": "F.relu", "args": [[1]], "kwargs": {}}}), "activation arguments must be"),
     "totals that do not add up": (_set("param_delta", 1), "param_delta: 1 does not add up"),
-    "invalid options": (_set("options.p", 2.0), r"p must be in \[0, 1\)"),
+    "invalid options": (_set("options.p", 2.0), r"plan.options.p: expected a dropout probability in \[0, 1\)"),
+    "an IC block's p out of range": (_set("edit:insert-ic.p", -0.5), r"edits\[0\].p: expected a dropout probability"),
+    "a note of an unknown kind": (lambda data: data["notes"][0].update(kind="whim"), "unknown kind 'whim'"),
     "options of the wrong type": (_set("options.exclude", "layer1"), "options.exclude: expected list"),
     "an empty object": (lambda data: data.clear(), "not a plan"),
     "an action that is no string": (_set("edit:insert-ic.action", ["insert-ic"]), r"unknown action \['insert-ic'\]"),
@@ -227,18 +229,20 @@ def test_a_plan_for_another_model_is_refused():
 
 
 @pytest.mark.parametrize("routed_class,message", [
-    ("no_such_module_here:Attention", "cannot import the routed class 'no_such_module_here:Attention'"),
-    ("icrewrite.layers:NoSuchClass", "cannot import the routed class"),
-    ("icrewrite.layers:ic_class", "is not an nn.Module class"),
-    ("icrewrite.layers:IC", "cannot reroute MultiheadAttention to IC, which is not a subclass of it"),
+    ("no_such_module_here:Attention", "unknown routed class 'no_such_module_here:Attention': no register_reroute call"),
+    ("icrewrite.layers:NoSuchClass", "unknown routed class"),
+    ("icrewrite.layers:ic_class", "unknown routed class"),
+    ("icrewrite.layers.attention:RoutedShiftedWindowAttention",
+     "cannot reroute MultiheadAttention to RoutedShiftedWindowAttention, which is not a subclass of it"),
 ])
-def test_a_routed_class_must_be_an_importable_subclass_of_the_attention(routed_class, message):
+def test_a_routed_class_must_be_a_registered_subclass_of_the_attention(routed_class, message):
     data = icrewrite.plan(build("torchvision-vit")).to_dict()
     for edit in data["edits"]:
         if edit["action"] == "route-through-module":
             edit["routed_class"] = routed_class
-    with pytest.raises(ConversionError, match=message):
+    with pytest.raises(ConversionError, match=message) as info:
         icrewrite.convert(build("torchvision-vit"), plan=Plan.from_dict(data))
+    assert "register_reroute" in str(info.value) or "not a subclass" in str(info.value)
 
 
 def test_a_converted_model_keeps_its_plan_through_copies_and_pickles():
