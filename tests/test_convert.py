@@ -260,6 +260,7 @@ def test_p_overrides_give_each_matching_layer_its_p_first_match_winning():
     assert _block_p(converted) == wanted
     assert _block_p(icrewrite.convert(timm_model("resnet10t"), plan=icrewrite.Plan.from_dict(data))) == wanted
     assert icrewrite.Options(p_overrides="layer4.0.conv*=0.2,layer4.*=0.1,fc=0") == plan.options
+    assert icrewrite.Options(p_overrides="layer4.0.conv*=0.2|layer4.*=0.1|fc=0") == plan.options
     assert icrewrite.Options(p_overrides=[("layer4.0.conv*", 0.2), "layer4.*=0.1", ("fc", 0)]) == plan.options
 
 
@@ -354,3 +355,11 @@ def test_a_plan_that_folds_into_a_tied_layer_is_refused_naming_the_tie():
     with pytest.raises(icrewrite.ConversionError, match=r"\(fold-norm 'bn_b'\): cannot fold: b.weight is a.weight "
                                                         r"\(tied parameters\)"):
         icrewrite.convert(model, plan=icrewrite.Plan.from_dict(data))
+
+
+def test_a_compare_variant_spec_takes_p_overrides_in_their_string_form():
+    from icrewrite.train.compare import parse_variants
+
+    variant = parse_variants("baseline,ic:p_overrides=layer4.*=0.1|fc=0,p=0.1")[1]
+    options = icrewrite.Options(**variant.options)
+    assert options.p_overrides == (("layer4.*", 0.1), ("fc", 0.0)) and options.p == 0.1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -82,9 +83,10 @@ def parse_p_override(text: str) -> tuple[str, float]:
 
 def _p_overrides(value: Any) -> tuple[tuple[str, float], ...]:
     """``p_overrides`` as ``((pattern, p), ...)`` in order, from a mapping, pairs, ``"PATTERN=P"``
-    strings, or one string of them separated by commas; each p checked, no pattern twice."""
+    strings, or one string of them separated by ``,`` or ``|`` (``"layer4.*=0.1|fc=0"``, the
+    form compare's variant specs use for lists); each p checked, no pattern twice."""
     if isinstance(value, str):
-        value = [part for part in value.split(",") if part.strip()]
+        value = [part for part in re.split(r"[,|]", value) if part.strip()]
     items = list(value.items()) if isinstance(value, Mapping) else value
     if not isinstance(items, Iterable):
         raise ConversionError(f"p_overrides takes a dict of pattern -> p, got {type(value).__name__}")
