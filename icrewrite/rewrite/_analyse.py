@@ -239,7 +239,8 @@ def analyse(model: nn.Module) -> Analysis:
         if scope.graph is not None:
             notes.extend(_analyse_scope(scope, layers, norms, tied))
         elif scope.error is not None:
-            notes.append((scope.prefix or "<model>", "untraceable", f"not traceable ({scope.error}); weight layers inside get IC, "
+            notes.append((scope.prefix or "<model>", "untraceable",
+                          f"not traceable ({scope.error}); weight layers inside get IC, "
                           "BatchNorms inside are kept"))
     _probe_unseen(model, layers)
     return Analysis(layers, norms, scopes, notes, _find_reroutes(model, layers, scopes))

@@ -37,7 +37,7 @@ from ._reroute import Reroute, resolve_routed_class, route
 
 __all__ = ["Phase", "ApplyContext", "Statistics", "Edit", "InsertIC", "FoldNorm", "ReplaceNormAct",
            "RouteThroughModule", "MoveAct", "InsertICAfter", "EDIT_KINDS", "Reader", "fold_bn_into",
-           "replace_module", "tied_parameters", "ModelView", "EditMismatch", "check_edits"]
+           "replace_module", "tied_parameters", "ModelView", "EditMismatch", "check_edits", "own_params"]
 
 
 class Phase(IntEnum):
@@ -129,7 +129,8 @@ def _read_activation(data: Any, where: str) -> ActivationRef:
 
 # --- what edits need to look at a model ---------------------------------------------------------
 
-def _params(module: nn.Module | None) -> int:
+def own_params(module: nn.Module | None) -> int:
+    """The number of parameters ``module`` holds itself (not its children's)."""
     return 0 if module is None else sum(p.numel() for p in module.parameters(recurse=False))
 
 
@@ -423,7 +424,7 @@ class FoldNorm(Edit):
             if module in view.tied:
                 raise self.mismatch(where, f"cannot fold: {view.tied[module][0]} (tied parameters); folding would "
                                            "untie them")
-        delta = -_params(norm) + (self.features if getattr(layer, "bias", None) is None else 0)
+        delta = -own_params(norm) + (self.features if getattr(layer, "bias", None) is None else 0)
         self.expect(where, "param_delta", self.param_delta, delta, "the parameters the fold removes")
 
     def replacement(self, norm: nn.Module) -> nn.Module:

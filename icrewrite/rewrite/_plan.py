@@ -36,11 +36,11 @@ from torch import nn
 from .. import model_info
 from ..errors import ConversionError
 from ..layers import ICWeightLayer, check_probability
-from ._analyse import Analysis, Layer, NormBeforeAct, analyse
-from ._edits import (EDIT_KINDS, Edit, FoldNorm, InsertIC, InsertICAfter, ModelView, MoveAct, Reader, ReplaceNormAct,
-                     RouteThroughModule, Statistics, check_edits)
-from ._layouts import LAYOUTS, ResidualUnit, residual_units
 from ..registry import class_path
+from ._analyse import Analysis, Layer, NormBeforeAct, analyse
+from ._edits import (Edit, FoldNorm, InsertIC, InsertICAfter, ModelView, MoveAct, Reader, ReplaceNormAct,
+                     RouteThroughModule, Statistics, check_edits, own_params)
+from ._layouts import LAYOUTS, ResidualUnit, residual_units
 
 __all__ = ["Options", "Statistics", "Edit", "InsertIC", "FoldNorm", "ReplaceNormAct", "RouteThroughModule", "MoveAct",
            "InsertICAfter", "Note", "NOTE_KINDS", "Plan", "plan", "make_plan", "SCHEMA_VERSION", "parse_p_override",
@@ -197,7 +197,8 @@ class Note:
 # Schema 1 notes had no kind; their reasons began with these words (icrewrite 0.1, fixed).
 _SCHEMA_1_KINDS = (("excluded by ", "excluded"), ("classifier (head=False)", "head"), ("stem: ", "stem"),
                    ("its weight is used functionally", "functional-weight"),
-                   ("BatchNorm before an activation kept", "kept-norm"), ("already converted by icrewrite", "already-converted"),
+                   ("BatchNorm before an activation kept", "kept-norm"),
+                   ("already converted by icrewrite", "already-converted"),
                    ("layout ", "layout-entry"), ("applies its own weight with ", "unregistered-layer"),
                    ("not traceable (", "untraceable"))
 
@@ -344,15 +345,11 @@ def _skip_reason(layer: Layer, options: Options, heads: set[str]) -> tuple[str, 
     return None
 
 
-def _params(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters(recurse=False))
-
-
 def _fold_edit(norm: NormBeforeAct, producer: nn.Module) -> FoldNorm:
     """The edit that folds ``norm`` into ``producer``: the norm's parameters go, and a
     producer without bias gains one."""
     features = norm.module.running_mean.numel()
-    delta = -_params(norm.module) + (features if getattr(producer, "bias", None) is None else 0)
+    delta = -own_params(norm.module) + (features if getattr(producer, "bias", None) is None else 0)
     assert norm.producer is not None  # a foldable norm has one
     if norm.fused_act:
         return ReplaceNormAct(norm.name, features, delta, f"folded into {norm.producer}, replaced by its "
