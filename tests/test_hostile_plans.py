@@ -29,6 +29,7 @@ import icrewrite
 from icrewrite import ICRewriteError, Plan
 from icrewrite.errors import ConversionError
 from icrewrite.layers import IC
+from icrewrite.rewrite import replay
 from icrewrite.testing import randomize_norms
 
 
@@ -267,13 +268,16 @@ def _check_hostile(data: dict[str, Any]) -> None:
     before = set(sys.modules)
     IC.__init__ = counting
     try:
-        converted = convert_by(data)
-    except ICRewriteError as err:
-        assert "\n" not in str(err)
-        assert built == []
-    else:
-        assert sum(p.numel() for p in converted.parameters()) == Plan.from_dict(data).params_after
-        assert max(built, default=0) <= 16
+        for convert in (convert_by, lambda d: replay(small(), Plan.from_dict(d))):  # convert --plan, load
+            built.clear()
+            try:
+                converted = convert(data)
+            except ICRewriteError as err:
+                assert "\n" not in str(err)
+                assert built == []
+            else:
+                assert sum(p.numel() for p in converted.parameters()) == Plan.from_dict(data).params_after
+                assert max(built, default=0) <= 16
     finally:
         IC.__init__ = original
     assert set(sys.modules) == before

@@ -282,3 +282,18 @@ def test_plan_written_earlier_reads_as_todays_plan_and_replays_equal(case, monke
     x = torch.randn(2, 3, MODELS[name][1], MODELS[name][1])
     with torch.no_grad():
         assert torch.equal(converted.eval()(x), expected.eval()(x))
+
+
+def test_every_edit_kind_is_one_class_with_its_checks_phase_and_effect():
+    from icrewrite.rewrite import Edit, Phase
+    from icrewrite.rewrite._edits import EDIT_KINDS
+
+    def subclasses(cls: type) -> set[type]:
+        return {c for sub in cls.__subclasses__() for c in {sub, *subclasses(sub)}}
+
+    assert set(EDIT_KINDS.values()) == subclasses(Edit)
+    for action, kind in EDIT_KINDS.items():
+        assert kind.action == action and isinstance(kind.phase, Phase)
+        assert kind.check is not Edit.check and kind.apply is not Edit.apply, action
+    made = {e.action for case, (name, options) in CASES.items() for e in icrewrite.plan(build(name), **options).edits}
+    assert made == set(EDIT_KINDS)  # the cases exercise every kind, and their schema-1 files stay read

@@ -593,13 +593,14 @@ _FIELD_READERS: dict[str, Callable[[Reader, str], Any]] = {
 
 def check_edits(edits: list[Edit], where: str = "edits") -> None:
     """Checks a list of edits needs without a model: no edit twice (two edits of one kind on one
-    module, two folds into one layer), and every ``insert-ic-after`` with its ``move-act``."""
+    module, two folds into one layer, two activations moved into one branch end), and every
+    ``insert-ic-after`` with its ``move-act``."""
     seen: dict[tuple[str, str], int] = {}
     moved = {e.into for e in edits if isinstance(e, MoveAct)}
     for i, edit in enumerate(edits):
         keys = [(_family(edit), edit.target)]
-        if isinstance(edit, FoldNorm):
-            keys.append(("fold-into", edit.into))
+        if isinstance(edit, (FoldNorm, MoveAct)):
+            keys.append((f"{_family(edit)} into", edit.into))
         for key in keys:
             if key in seen:
                 raise ConversionError(f"malformed plan: {where}[{i}]: duplicates {where}[{seen[key]}] "
