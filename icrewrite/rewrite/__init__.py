@@ -19,13 +19,14 @@ from ._patterns import ActivationRef, FunctionActivation, ModuleActivation
 from ._plan import (INITS, NOTE_KINDS, SCHEMA_VERSION, Edit, FoldNorm, InsertIC, InsertICAfter, MoveAct, Note, Options,
                     Plan, ReplaceNormAct, RouteThroughModule, Statistics, make_plan, matches, parse_p_override, plan)
 from ._probe import LayerWatch, probe_weight_use
+from ..registry import class_path
 from ._reroute import Reroute, find_reroute, resolve_routed_class, route
 from ._trace import Scope, trace_scopes
 from ._verify import TOLERANCE, Report, output_tensors, verify
 
 __all__ = [
     "trace_scopes", "Scope", "analyse", "Analysis", "Layer", "NormBeforeAct", "Reroute", "find_reroute", "route",
-    "resolve_routed_class", "LAYOUTS", "ResidualUnit", "residual_units", "plan", "make_plan", "Plan", "Edit",
+    "class_path", "resolve_routed_class", "LAYOUTS", "ResidualUnit", "residual_units", "plan", "make_plan", "Plan", "Edit",
     "InsertIC", "FoldNorm", "ReplaceNormAct", "RouteThroughModule", "MoveAct", "InsertICAfter", "Statistics",
     "ActivationRef", "ModuleActivation", "FunctionActivation", "Note", "NOTE_KINDS", "Options", "INITS", "SCHEMA_VERSION",
     "Phase", "ApplyContext", "EditMismatch", "matches", "parse_p_override",

@@ -126,9 +126,6 @@ class Options:
     model records."""
 
     p: float = _option(0.05, "dropout probability of each IC block")
-    p_overrides: tuple[tuple[str, float], ...] = _option(
-        (), "dropout probability for the weight layers matching PATTERN (an fnmatch pattern or module prefix, "
-            "as --exclude); the first match wins", flag="--p-override", parse=parse_p_override, metavar="PATTERN=P")
     init: str = _option("preserve", "preserve: the same function in eval mode, IC statistics from the removed "
                                     "BatchNorms or calibration data; fresh: default BatchNorm statistics", INITS)
     stem: bool = _option(False, "also put IC blocks before layers that read the image")
@@ -136,6 +133,9 @@ class Options:
     exclude: tuple[str, ...] = _option((), "leave layers matching these fnmatch patterns or module prefixes alone")
     layout: str = _option(LAYOUTS[0], "residual-unit ordering from the paper (the others move the unit's last ReLU "
                                       "before the add and need init fresh)", LAYOUTS)
+    p_overrides: tuple[tuple[str, float], ...] = _option(
+        (), "dropout probability for the weight layers matching PATTERN (an fnmatch pattern or module prefix, "
+            "as --exclude); the first match wins", flag="--p-override", parse=parse_p_override, metavar="PATTERN=P")
 
     def __post_init__(self) -> None:
         _probability(self.p, "p")
@@ -172,9 +172,9 @@ class Options:
         overrides = reader.get("p_overrides", dict) if "p_overrides" in data else {}
         for pattern in overrides:
             Reader({"p": overrides[pattern]}, f"{where}.p_overrides[{pattern!r}]", ["p"]).probability("p")
-        return cls(p=reader.probability("p"), p_overrides=overrides, init=reader.get("init", str),
-                   stem=reader.get("stem", bool), head=reader.get("head", bool), exclude=reader.strings("exclude"),
-                   layout=reader.get("layout", str))
+        return cls(p=reader.probability("p"), init=reader.get("init", str), stem=reader.get("stem", bool),
+                   head=reader.get("head", bool), exclude=reader.strings("exclude"), layout=reader.get("layout", str),
+                   p_overrides=overrides)
 
 
 @dataclass(frozen=True)
