@@ -363,3 +363,16 @@ def test_a_compare_variant_spec_takes_p_overrides_in_their_string_form():
     variant = parse_variants("baseline,ic:p_overrides=layer4.*=0.1|fc=0,p=0.1")[1]
     options = icrewrite.Options(**variant.options)
     assert options.p_overrides == (("layer4.*", 0.1), ("fc", 0.0)) and options.p == 0.1
+
+
+def test_finetune_converts_with_p_overrides_and_keeps_each_blocks_p(tmp_path, capsys):
+    from icrewrite.cli import main
+
+    overrides = [arg for pattern, p in OVERRIDES.items() for arg in ("--p-override", f"{pattern}={p}")]
+    assert main(["finetune", "resnet10t", "--convert", "--init", "fresh", *overrides, "--data", "digits",
+                 "--img-size", "16", "--batch-size", "256", "--epochs", "1", "--no-progress",
+                 "-o", str(tmp_path / "run")]) == 0
+    trained = icrewrite.load(tmp_path / "run" / "best.safetensors")
+    wanted = {e.target: e.p for e in icrewrite.plan(timm_model("resnet10t"), p_overrides=OVERRIDES).edits
+              if e.action == "insert-ic"}
+    assert _block_p(trained) == wanted
