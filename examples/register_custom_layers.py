@@ -81,7 +81,7 @@ def main() -> None:
     print(icrewrite.plan(model), end="\n\n")
 
     icrewrite.register_weight_layer(ScaledConv, features=lambda m: (m.weight.shape[1], 1))
-    icrewrite.register_reroute(Attention, find_route)
+    icrewrite.register_reroute(Attention, find_route, routes_to=[RoutedAttention])
     print("after registering:")
     print(icrewrite.plan(model), end="\n\n")
 

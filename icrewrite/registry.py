@@ -14,9 +14,10 @@ layers are registered below through the same functions a user calls:
   optional affine, which the analysis folds when it sits before an activation;
 - ``register_activation(cls)``: an elementwise activation module;
 - ``register_passthrough(cls)``: a layer that is the identity in eval mode (dropout, DropPath);
-- ``register_reroute(cls, find)``: an attention module that uses a weight layer's weight
-  functionally; ``find(module, calls)`` returns a :class:`~icrewrite.rewrite.Reroute` (how to
-  make it call the layer as a module) or None. See docs/registry.md for worked examples.
+- ``register_reroute(cls, find, routes_to=...)``: an attention module that uses a weight layer's
+  weight functionally; ``find(module, calls)`` returns a :class:`~icrewrite.rewrite.Reroute` (how to
+  make it call the layer as a module) or None; ``routes_to`` lists the classes it turns modules
+  into, the only classes a plan may name. See docs/registry.md for worked examples.
 
 Each ``register_*`` returns the class, so it also works as a decorator.
 """
@@ -56,6 +57,8 @@ __all__ = [
     "is_activation_module",
     "is_passthrough_module",
     "reroute_finders",
+    "class_path",
+    "routed_class",
 ]
 
 # Functions that apply a weight to their input (argument 1, or ``weight=``): what a weight
@@ -96,6 +99,7 @@ _NORMS: dict[type[nn.Module], str] = {}
 _ACTIVATIONS: dict[type[nn.Module], str] = {}
 _PASSTHROUGH: dict[type[nn.Module], str] = {}
 _REROUTES: dict[type[nn.Module], tuple[RerouteFinder, str]] = {}
+_ROUTED_CLASSES: dict[str, type[nn.Module]] = {}  # class_path -> a class register_reroute declared
 
 
 def _check_class(cls: Any, kind: str) -> None:
@@ -146,18 +150,37 @@ def register_passthrough(cls: ModuleClass, *, reason: str = "") -> ModuleClass:
     return cls
 
 
-def register_reroute(cls: ModuleClass, find: RerouteFinder, *, reason: str = "") -> ModuleClass:
+def register_reroute(cls: ModuleClass, find: RerouteFinder, *, routes_to: Sequence[type[nn.Module]] = (),
+                     reason: str = "") -> ModuleClass:
     """Let modules of ``cls`` that use a weight layer's weight functionally be rerouted.
 
     ``find(module, calls)`` gets the module and its ``call_module`` nodes in the traces and
     returns a ``Reroute`` (the child layers it makes module calls, and the class it turns
-    the module into, which must compute the same function) or None. That class must subclass
-    the module's class and be defined at the top level of a module: a plan records it by its
-    import path, ``"module:qualname"``.
+    the module into, which must compute the same function) or None. Every class ``find`` may
+    return is listed in ``routes_to``: each must subclass ``cls``. A plan records a routed class
+    by its name, ``"module:qualname"`` (:func:`class_path`), and a plan read from a file
+    resolves that name only among the classes registered here, never by importing it.
     """
     _check_class(cls, "reroute")
+    for routed in routes_to:
+        _check_class(routed, "reroute's routes_to")
+        if not issubclass(routed, cls):
+            raise ConversionError(f"register_reroute: {routed.__name__} in routes_to is not a subclass of "
+                                  f"{cls.__name__}")
     _REROUTES[cls] = (find, reason)
+    _ROUTED_CLASSES.update({class_path(routed): routed for routed in routes_to})
     return cls
+
+
+def class_path(cls: type) -> str:
+    """``"module:qualname"``: the name a plan records a routed class by."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def routed_class(path: str) -> type[nn.Module] | None:
+    """The class named ``path`` that ``register_reroute(..., routes_to=...)`` declared in this
+    process, or None. Nothing is imported: a name read from a file is only looked up."""
+    return _ROUTED_CLASSES.get(path)
 
 
 def _lookup(table: dict[type, Any], module: nn.Module) -> Any:

@@ -17,6 +17,9 @@ from .registry import WEIGHT_FUNCTIONS, is_batchnorm, is_weight_layer
 from .rewrite import TOLERANCE, LayerWatch, clone_module, convert, output_tensors, plan, verify
 
 
+OPTED_OUT = ("stem", "excluded", "head")  # note kinds of weight layers the options leave without IC blocks
+
+
 @torch.no_grad()
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Move every norm layer's statistics and affine parameters far from their defaults.
@@ -279,10 +282,11 @@ def check_conversion(model: nn.Module, x: torch.Tensor, *, seed: int = 0, **opti
 
     sites = {e.target for e in the_plan.edits if e.action == "insert-ic"}
     result.sites = len(sites)
-    skipped = {n.target: n.reason for n in the_plan.notes}
+    skipped = {n.target: n for n in the_plan.notes}
     for name, module in model.named_modules():
-        if is_weight_layer(module) and name not in sites and not skipped.get(name, "").startswith(("stem", "excluded", "classifier")):
-            fail(f"{name}: no IC block ({skipped.get(name, 'not planned')})")
+        note = skipped.get(name)
+        if is_weight_layer(module) and name not in sites and (note is None or note.kind not in OPTED_OUT):
+            fail(f"{name}: no IC block ({note.reason if note else 'not planned'})")
 
     placement, reached = _check_placement(converted, sites, x, seed)
     result.failures.extend(placement)

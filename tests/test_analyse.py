@@ -91,7 +91,8 @@ def test_layers_no_trace_sees_are_settled_by_the_meta_probe():
     analysis = analyse(Untraceable())
     assert analysis.layers["branch.conv"].called  # 224 > 4 on the probe's input
     assert not analysis.layers["branch.spare"].called
-    assert any(module == "branch" and "not traceable" in message for module, message in analysis.notes)
+    assert any(module == "branch" and kind == "untraceable" and "not traceable" in message
+               for module, kind, message in analysis.notes)
 
 
 def test_layers_of_a_data_dependent_module_stay_unseen():

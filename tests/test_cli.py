@@ -189,7 +189,7 @@ def test_convert_by_a_plan_refuses_options_and_bad_files(tmp_path, original, cap
     plan_file.write_text(json.dumps({"schema": 7}))
     code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", plan_file, "-o", out)
     assert code == 2 and error_lines(stderr) == [f"error: {plan_file}: plan schema version 7 is not supported: this "
-                                                 "icrewrite reads version 1"]
+                                                 "icrewrite reads versions 1, 2"]
     code, _, stderr = run_main(capsys, "convert", *MODEL_ARGS, "--plan", tmp_path / "none.json", "-o", out)
     assert code == 2 and error_lines(stderr) == [f"error: {tmp_path / 'none.json'}: cannot read the plan (No such "
                                                  "file or directory)"]

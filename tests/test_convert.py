@@ -173,9 +173,16 @@ def test_converting_twice_changes_nothing_and_partial_is_an_error():
         icrewrite.convert(partial)
 
 
-@pytest.mark.parametrize("options,match", [(dict(p=1.5), "p must be"), (dict(init="zeros"), "init must"),
-                                           (dict(layout="conv-ic"), "layout must"),
-                                           (dict(layout="ic-conv-relu"), "changes the function")])
+@pytest.mark.parametrize("options,match", [
+    (dict(p=1.5), "p must be"), (dict(p=float("nan")), "p must be"), (dict(p="0.1"), "p must be a number"),
+    (dict(p=True), "p must be a number"), (dict(init="zeros"), "init must"), (dict(layout="conv-ic"), "layout must"),
+    (dict(layout="ic-conv-relu"), "changes the function"), (dict(exclude=None), "exclude takes"),
+    (dict(exclude=[1]), "exclude takes"), (dict(stem="yes"), "stem must be True or False"),
+    (dict(p_overrides={"fc": 1.5}), r"p_overrides\['fc'\] must be in \[0, 1\)"),
+    (dict(p_overrides={"fc": "0.1"}), "must be a number"), (dict(p_overrides="fc"), "PATTERN=P"),
+    (dict(p_overrides="fc=x"), "PATTERN=P"), (dict(p_overrides=["fc=0.1", "fc=0.2"]), "'fc' given twice"),
+    (dict(p_overrides=3), "dict of pattern -> p"),
+])
 def test_invalid_options_are_clear_errors(options, match):
     with pytest.raises(icrewrite.ConversionError, match=match):
         icrewrite.convert(PATTERNS["chain"](), **options)
@@ -227,3 +234,145 @@ def test_convert_speed_benchmark_runs_in_its_quick_configuration():
     row = next(line.split() for line in out.splitlines() if line.startswith("resnet18"))
     create, convert, ratio = map(float, row[1:])
     assert create > 0 and convert > 0 and 0.01 < ratio < 100
+
+
+# --- dropout probability per layer ----------------------------------------------------------------
+
+OVERRIDES = {"layer4.0.conv*": 0.2, "layer4.*": 0.1, "fc": 0.0}  # the first match wins
+
+
+def _block_p(model: nn.Module) -> dict[str, float]:
+    return {name: m.ic.p for name, m in model.named_modules() if isinstance(m, ICWeightLayer)}
+
+
+def test_p_overrides_give_each_matching_layer_its_p_first_match_winning():
+    model = randomize_norms(timm_model("resnet10t"), seed=1).eval()
+    plan = icrewrite.plan(model, p=0.05, p_overrides=OVERRIDES)
+    wanted = {e.target: 0.2 if e.target.startswith("layer4.0.conv") else 0.1 if e.target.startswith("layer4.")
+              else 0.0 if e.target == "fc" else 0.05 for e in plan.edits if e.action == "insert-ic"}
+    assert {e.target: e.p for e in plan.edits if e.action == "insert-ic"} == wanted
+    assert set(wanted.values()) == {0.2, 0.1, 0.0, 0.05}
+    data = plan.to_dict()
+    assert data["options"]["p_overrides"] == OVERRIDES and data["schema"] == 2
+    assert {e["target"]: e["p"] for e in data["edits"] if e["action"] == "insert-ic"} == wanted
+    assert icrewrite.Plan.from_dict(data) == plan
+    converted = icrewrite.convert(model, p_overrides=OVERRIDES)
+    assert _block_p(converted) == wanted
+    assert _block_p(icrewrite.convert(timm_model("resnet10t"), plan=icrewrite.Plan.from_dict(data))) == wanted
+    assert icrewrite.Options(p_overrides="layer4.0.conv*=0.2,layer4.*=0.1,fc=0") == plan.options
+    assert icrewrite.Options(p_overrides="layer4.0.conv*=0.2|layer4.*=0.1|fc=0") == plan.options
+    assert icrewrite.Options(p_overrides=[("layer4.0.conv*", 0.2), "layer4.*=0.1", ("fc", 0)]) == plan.options
+
+
+def test_mixed_p_preserves_the_eval_function_and_p_zero_is_batchnorm_only():
+    model = randomize_norms(timm_model("resnet10t"), seed=1).eval()
+    converted = icrewrite.convert(model, p_overrides=OVERRIDES)
+    x = torch.randn(4, 3, 32, 32)
+    report = icrewrite.verify(model, converted, x)
+    assert report.ok, report
+    fc = converted.fc
+    fc.train()
+    features = torch.randn(16, 512)
+    with torch.no_grad():
+        assert torch.equal(fc.ic(features), fc.ic.norm(features))  # p = 0: nothing dropped
+        layer4 = converted.layer4[0].conv1.ic.train()
+        dropped = (layer4(torch.randn(8, 256, 4, 4)) == 0).float().mean().item()
+    assert 0.15 < dropped < 0.25  # p = 0.2 there
+
+
+def test_export_folding_and_stats_read_each_blocks_own_p():
+    from icrewrite.deploy import fold_ic
+    from icrewrite.independence import stats
+
+    model = randomize_norms(timm_model("resnet10t"), seed=1).eval()
+    converted = icrewrite.convert(model, p_overrides=OVERRIDES).eval()
+    x = torch.randn(2, 3, 32, 32)
+    folded, _ = fold_ic(converted, input_size=x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), converted(x), rtol=1e-4, atol=1e-5)
+    report = stats(converted, [torch.randn(8, 3, 32, 32)], max_pairs=8, max_samples=64)
+    assert {s.name: s.p for s in report.sites} == _block_p(converted)
+
+
+def test_p_override_on_the_command_line_reaches_the_plan_and_the_converted_model(tmp_path, capsys):
+    from icrewrite.cli import main
+
+    overrides = [arg for pattern, p in OVERRIDES.items() for arg in ("--p-override", f"{pattern}={p}")]
+    assert main(["plan", "resnet10t", "--num-classes", "10", *overrides, "--json", str(tmp_path / "plan.json")]) == 0
+    plan = icrewrite.Plan.from_dict(__import__("json").loads((tmp_path / "plan.json").read_text()))
+    assert plan.options.p_overrides == tuple(OVERRIDES.items())
+    assert main(["convert", "resnet10t", "--num-classes", "10", *overrides, "-o", str(tmp_path / "ic")]) == 0
+    assert _block_p(icrewrite.load(tmp_path / "ic")) == {e.target: e.p for e in plan.edits if e.action == "insert-ic"}
+    assert main(["convert", "resnet10t", "--num-classes", "10", "--plan", str(tmp_path / "plan.json"),
+                 "--p-override", "fc=0.3", "-o", str(tmp_path / "again")]) == 2
+    assert "--p-override cannot be given with it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "resnet10t", "--p-override", "fc=1.5"])
+    assert "argument --p-override: p must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+# --- tied weights -----------------------------------------------------------------------------------
+
+class Tied(nn.Module):
+    """Two convolutions sharing one weight (``b.weight = a.weight``), each before a BatchNorm and a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.bn_a = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn_a(self.a(self.stem(x))))
+        x = torch.relu(self.bn_b(self.b(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_tied_weights_stay_tied_and_the_plan_counts_the_model():
+    model = randomize_norms(Tied(), seed=1).eval()
+    plan = icrewrite.plan(model)
+    assert not [e for e in plan.edits if e.action == "fold-norm"]
+    kept = {n.target: n for n in plan.notes if n.kind == "kept-norm"}
+    assert kept.keys() == {"bn_a", "bn_b"}
+    assert "b.weight is a.weight (tied parameters)" in kept["bn_a"].reason + kept["bn_b"].reason
+    converted = icrewrite.convert(model)
+    assert converted.b.weight is converted.a.weight
+    assert sum(p.numel() for p in converted.parameters()) == plan.params_after
+    report = icrewrite.verify(model, converted, torch.randn(2, 3, 8, 8))
+    assert report.ok and report.param_delta == plan.param_delta, report
+
+
+def test_a_plan_that_folds_into_a_tied_layer_is_refused_naming_the_tie():
+    model = randomize_norms(Tied(), seed=1).eval()
+    data = icrewrite.plan(model).to_dict()
+    data["edits"].append({"action": "fold-norm", "target": "bn_b", "features": 8, "param_delta": -16 + 8,
+                          "detail": "", "into": "b"})
+    data["notes"] = [n for n in data["notes"] if n["target"] != "bn_b"]
+    data["param_delta"] -= 8
+    data["params_after"] -= 8
+    with pytest.raises(icrewrite.ConversionError, match=r"\(fold-norm 'bn_b'\): cannot fold: b.weight is a.weight "
+                                                        r"\(tied parameters\)"):
+        icrewrite.convert(model, plan=icrewrite.Plan.from_dict(data))
+
+
+def test_a_compare_variant_spec_takes_p_overrides_in_their_string_form():
+    from icrewrite.train.compare import parse_variants
+
+    variant = parse_variants("baseline,ic:p_overrides=layer4.*=0.1|fc=0,p=0.1")[1]
+    options = icrewrite.Options(**variant.options)
+    assert options.p_overrides == (("layer4.*", 0.1), ("fc", 0.0)) and options.p == 0.1
+
+
+def test_finetune_converts_with_p_overrides_and_keeps_each_blocks_p(tmp_path, capsys):
+    from icrewrite.cli import main
+
+    overrides = [arg for pattern, p in OVERRIDES.items() for arg in ("--p-override", f"{pattern}={p}")]
+    assert main(["finetune", "resnet10t", "--convert", "--init", "fresh", *overrides, "--data", "digits",
+                 "--img-size", "16", "--batch-size", "256", "--epochs", "1", "--no-progress",
+                 "-o", str(tmp_path / "run")]) == 0
+    trained = icrewrite.load(tmp_path / "run" / "best.safetensors")
+    wanted = {e.target: e.p for e in icrewrite.plan(timm_model("resnet10t"), p_overrides=OVERRIDES).edits
+              if e.action == "insert-ic"}
+    assert _block_p(trained) == wanted

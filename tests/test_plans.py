@@ -7,6 +7,7 @@ import json
 import pickle
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,7 +176,7 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
 
 _DELETE = object()
 MALFORMED = {
-    "another schema version": (_set("schema", SCHEMA_VERSION + 1), "plan schema version 2 is not supported"),
+    "another schema version": (_set("schema", SCHEMA_VERSION + 1), "plan schema version 3 is not supported"),
     "no schema version": (_set("schema", _DELETE), "not a plan"),
     "an unknown key": (_set("extra", 1), "malformed plan: plan: unknown extra"),
     "a missing key": (_set("notes", _DELETE), "malformed plan: plan: missing notes"),
@@ -189,7 +190,9 @@ MALFORMED = {
     "an activation argument that is no constant": (_set("edit:insert-ic.statistics", {"norm": "bn1", "activation": {
         "function": "F.relu", "args": [[1]], "kwargs": {}}}), "activation arguments must be"),
     "totals that do not add up": (_set("param_delta", 1), "param_delta: 1 does not add up"),
-    "invalid options": (_set("options.p", 2.0), r"p must be in \[0, 1\)"),
+    "invalid options": (_set("options.p", 2.0), r"plan.options.p: expected a dropout probability in \[0, 1\)"),
+    "an IC block's p out of range": (_set("edit:insert-ic.p", -0.5), r"edits\[0\].p: expected a dropout probability"),
+    "a note of an unknown kind": (lambda data: data["notes"][0].update(kind="whim"), "unknown kind 'whim'"),
     "options of the wrong type": (_set("options.exclude", "layer1"), "options.exclude: expected list"),
     "an empty object": (lambda data: data.clear(), "not a plan"),
     "an action that is no string": (_set("edit:insert-ic.action", ["insert-ic"]), r"unknown action \['insert-ic'\]"),
@@ -226,18 +229,20 @@ def test_a_plan_for_another_model_is_refused():
 
 
 @pytest.mark.parametrize("routed_class,message", [
-    ("no_such_module_here:Attention", "cannot import the routed class 'no_such_module_here:Attention'"),
-    ("icrewrite.layers:NoSuchClass", "cannot import the routed class"),
-    ("icrewrite.layers:ic_class", "is not an nn.Module class"),
-    ("icrewrite.layers:IC", "cannot reroute MultiheadAttention to IC, which is not a subclass of it"),
+    ("no_such_module_here:Attention", "unknown routed class 'no_such_module_here:Attention': no register_reroute call"),
+    ("icrewrite.layers:NoSuchClass", "unknown routed class"),
+    ("icrewrite.layers:ic_class", "unknown routed class"),
+    ("icrewrite.layers.attention:RoutedShiftedWindowAttention",
+     "cannot reroute MultiheadAttention to RoutedShiftedWindowAttention, which is not a subclass of it"),
 ])
-def test_a_routed_class_must_be_an_importable_subclass_of_the_attention(routed_class, message):
+def test_a_routed_class_must_be_a_registered_subclass_of_the_attention(routed_class, message):
     data = icrewrite.plan(build("torchvision-vit")).to_dict()
     for edit in data["edits"]:
         if edit["action"] == "route-through-module":
             edit["routed_class"] = routed_class
-    with pytest.raises(ConversionError, match=message):
+    with pytest.raises(ConversionError, match=message) as info:
         icrewrite.convert(build("torchvision-vit"), plan=Plan.from_dict(data))
+    assert "register_reroute" in str(info.value) or "not a subclass" in str(info.value)
 
 
 def test_a_converted_model_keeps_its_plan_through_copies_and_pickles():
@@ -248,3 +253,47 @@ def test_a_converted_model_keeps_its_plan_through_copies_and_pickles():
     for copied in (clone_module(converted), copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
         assert plan_of(copied) == expected
     assert icrewrite.convert(converted).icrewrite_plan == converted.icrewrite_plan  # converting again: no change
+
+
+PLAN_FIXTURES = Path(__file__).resolve().parent / "data" / "plans"  # schema 1, see data/write_fixtures.py
+
+
+def test_every_case_has_a_plan_written_earlier():
+    assert sorted(p.stem for p in PLAN_FIXTURES.glob("*.json")) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_written_earlier_reads_as_todays_plan_and_replays_equal(case, monkeypatch):
+    """Plans written by an earlier icrewrite (schema 1) stay readable: each reads as the plan
+    today's code makes for the same model and options, and converts a fresh model as
+    ``convert(model, **options)`` does. Keep these files and this test."""
+    name, options = CASES[case]
+    written = json.loads((PLAN_FIXTURES / f"{case}.json").read_text())
+    assert written["schema"] == 1
+    read = Plan.from_dict(written)
+    assert read == icrewrite.plan(build(name), **options)
+    expected = icrewrite.convert(build(name), **options)
+    no_planning(monkeypatch)
+    converted = icrewrite.convert(build(name), plan=read)
+    actual, wanted = converted.state_dict(), expected.state_dict()
+    assert actual.keys() == wanted.keys()
+    assert [k for k in wanted if not torch.equal(actual[k], wanted[k])] == []
+    assert {n: type(m) for n, m in converted.named_modules()} == {n: type(m) for n, m in expected.named_modules()}
+    x = torch.randn(2, 3, MODELS[name][1], MODELS[name][1])
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), expected.eval()(x))
+
+
+def test_every_edit_kind_is_one_class_with_its_checks_phase_and_effect():
+    from icrewrite.rewrite import Edit, Phase
+    from icrewrite.rewrite._edits import EDIT_KINDS
+
+    def subclasses(cls: type) -> set[type]:
+        return {c for sub in cls.__subclasses__() for c in {sub, *subclasses(sub)}}
+
+    assert set(EDIT_KINDS.values()) == subclasses(Edit)
+    for action, kind in EDIT_KINDS.items():
+        assert kind.action == action and isinstance(kind.phase, Phase)
+        assert kind.check is not Edit.check and kind.apply is not Edit.apply, action
+    made = {e.action for case, (name, options) in CASES.items() for e in icrewrite.plan(build(name), **options).edits}
+    assert made == set(EDIT_KINDS)  # the cases exercise every kind, and their schema-1 files stay read

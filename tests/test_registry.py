@@ -114,8 +114,25 @@ def test_an_unregistered_attention_leaves_its_functional_weight_as_a_note():
     assert "used functionally" in notes["attention.qkv"]
 
 
+def test_a_reroute_to_a_class_its_registration_does_not_declare_is_refused():
+    class Undeclared(FusedQKVAttention):
+        pass
+
+    class RoutedUndeclared(Undeclared, RoutedFusedQKVAttention):
+        pass
+
+    def find(attention: nn.Module, calls: object) -> icrewrite.Reroute:
+        return icrewrite.Reroute(("qkv",), 0, "qkv called as a module", RoutedUndeclared)
+
+    icrewrite.register_reroute(Undeclared, find, reason="test attention")  # routes_to not given
+    with pytest.raises(ConversionError, match=r"declare it: icrewrite.register_reroute\(Undeclared, find, "
+                                              r"routes_to=\[RoutedUndeclared\]\)"):
+        icrewrite.plan(Tokens(Undeclared))
+
+
 def test_a_registered_reroute_makes_the_attention_an_ic_site():
-    icrewrite.register_reroute(FusedQKVAttention, find_route, reason="test attention")
+    icrewrite.register_reroute(FusedQKVAttention, find_route, routes_to=[RoutedFusedQKVAttention],
+                               reason="test attention")
     model = Tokens(FusedQKVAttention).eval()
     plan = icrewrite.plan(model)
     assert [e.target for e in plan.edits if e.action == "route-through-module"] == ["attention"]

@@ -184,7 +184,7 @@ def meta_check(entry: Entry) -> Record:
     analysis = analyse(model)
     the_plan = make_plan(model, Options(), analysis)
     converted = convert(model, plan=through_json(the_plan))
-    stem = {n.target for n in the_plan.notes if n.reason.startswith("stem")}
+    stem = {n.target for n in the_plan.notes if n.kind == "stem"}
     sites = {e.target for e in the_plan.edits if e.action == "insert-ic"}
     layers = [name for name, m in converted.named_modules() if is_weight_layer(m)]
     reasons = {n.target: n.reason for n in the_plan.notes}
@@ -199,7 +199,7 @@ def meta_check(entry: Entry) -> Record:
         "ic": len(sites),
         "stem": len(stem),
         "folded": the_plan.count("fold-norm") + the_plan.count("replace-norm-act"),
-        "kept_norms": sum(n.reason.startswith("BatchNorm before an activation kept") for n in the_plan.notes),
+        "kept_norms": sum(n.kind == "kept-norm" for n in the_plan.notes),
         "scopes": len(analysis.scopes),
         "untraced_scopes": [s.prefix or "<model>" for s in analysis.scopes if s.graph is None],
         "unseen": sorted(name for name in sites

@@ -83,22 +83,45 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
     return load_model(args.model, checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle, **create)
 
 
+def _flag(option: dataclasses.Field) -> str:
+    """The command-line flag of an ``Options`` field: its ``flag`` metadata, ``--no-NAME`` for a
+    flag that is on by default, else ``--NAME``."""
+    if "flag" in option.metadata:
+        return option.metadata["flag"]
+    prefix = "--no-" if option.default is True else "--"
+    return prefix + option.name.replace("_", "-")
+
+
 def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
     """One option for each field of ``icrewrite.Options`` (see ``conversion_options``): ``--NAME``
     for a value or a flag that is off by default, ``--no-NAME`` for one that is on, and a
-    repeatable ``--NAME`` for a tuple."""
+    repeatable flag for a tuple (read by the field's ``parse``, e.g. ``--p-override PATTERN=P``)."""
     group = parser.add_argument_group("conversion")
     for option in dataclasses.fields(Options):
-        flag, help = f"--{option.name.replace('_', '-')}", option.metadata["help"]
+        flag, help = _flag(option), option.metadata["help"]
         if isinstance(option.default, bool) and option.default:
-            group.add_argument(f"--no-{option.name}", dest=option.name, action="store_false", help=f"do not {help}")
+            group.add_argument(flag, dest=option.name, action="store_false", help=f"do not {help}")
         elif isinstance(option.default, bool):
-            group.add_argument(flag, action="store_true", help=help)
+            group.add_argument(flag, dest=option.name, action="store_true", help=help)
         elif isinstance(option.default, tuple):
-            group.add_argument(flag, action="append", default=[], metavar="PATTERN", help=f"{help} (repeatable)")
+            parse = option.metadata.get("parse")
+            group.add_argument(flag, dest=option.name, action="append", default=[],
+                               type=_argument_type(parse) if parse else str,
+                               metavar=option.metadata.get("metavar", "PATTERN"), help=f"{help} (repeatable)")
         else:
-            group.add_argument(flag, type=type(option.default), default=option.default,
+            group.add_argument(flag, dest=option.name, type=type(option.default), default=option.default,
                                choices=option.metadata["choices"], help=f"{help} (default {option.default})")
+
+
+def _argument_type(parse: Any) -> Any:
+    """``parse`` as an argparse type: its ``ICRewriteError`` becomes argparse's usage error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ICRewriteError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,15 +129,11 @@ def conversion_options(args: argparse.Namespace) -> dict[str, Any]:
     return {option.name: getattr(args, option.name) for option in dataclasses.fields(Options)}
 
 
-_FLAGS = {"p": "--p", "init": "--init", "stem": "--stem", "head": "--no-head", "exclude": "--exclude",
-          "layout": "--layout"}  # conversion option -> the flag that sets it
-
-
 def given_conversion_flags(args: argparse.Namespace) -> list[str]:
     """The conversion flags whose values differ from the defaults (what the user asked to change)."""
-    defaults = Options().to_dict()
-    given = {**conversion_options(args), "exclude": list(args.exclude)}
-    return [_FLAGS[name] for name, value in given.items() if value != defaults[name]]
+    defaults, given = Options(), Options(**conversion_options(args))
+    return [_flag(option) for option in dataclasses.fields(Options)
+            if getattr(given, option.name) != getattr(defaults, option.name)]
 
 
 class _Parser(argparse.ArgumentParser):

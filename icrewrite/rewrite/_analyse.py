@@ -23,6 +23,7 @@ from torch import nn
 from ..layers import ICWeightLayer
 from ..registry import (WEIGHT_FUNCTIONS, declared_features, features_unknown, is_batchnorm, is_foldable_into,
                         is_weight_layer)
+from ._edits import tied_parameters
 from ._patterns import ActivationRef, ModuleActivation, activation_of, fused_activation, through_passthrough
 from ._probe import probe_weight_use
 from ._reroute import Reroute, find_reroute
@@ -66,7 +67,7 @@ class Analysis:
     layers: dict[str, Layer]
     norms: list[NormBeforeAct]
     scopes: list[Scope]
-    notes: list[tuple[str, str]] = field(default_factory=list)  # (module, message)
+    notes: list[tuple[str, str, str]] = field(default_factory=list)  # (module, note kind, message)
     reroutes: dict[str, Reroute] = field(default_factory=dict)  # attention module -> its reroute
 
 
@@ -75,7 +76,7 @@ def _out_features(module: nn.Module) -> int:
 
 
 def _fold_blocker(norm: nn.Module, producer: fx.Node, scope: Scope, modules: dict[str, nn.Module],
-                  calls: Counter, attr_owners: set[str], norm_target: str) -> str | None:
+                  calls: Counter, attr_owners: set[str], norm_target: str, tied: dict[str, list[str]]) -> str | None:
     """Why ``norm`` (called on ``producer``) cannot be folded into it, or None when it can."""
     if producer.op != "call_module" or not is_weight_layer(modules.get(producer.target, nn.Identity())):
         return "its input is not produced by a weight layer"
@@ -95,6 +96,9 @@ def _fold_blocker(norm: nn.Module, producer: fx.Node, scope: Scope, modules: dic
         return f"{name} has {_out_features(layer)} outputs, the BatchNorm {norm.running_mean.numel()} features"
     if isinstance(layer, nn.Linear) and not isinstance(norm, nn.BatchNorm1d):
         return f"{type(norm).__name__} after Linear {name}"
+    for module in (name, scope.qualname(norm_target)):
+        if module in tied:
+            return f"{tied[module][0]} (tied parameters), which a fold would untie"
     return None
 
 
@@ -115,7 +119,7 @@ def _weight_owner(node: fx.Node, scope: Scope) -> str | None:
 
 
 def _unregistered_weights(scope: Scope, layers: dict[str, Layer], modules: dict[str, nn.Module]
-                          ) -> list[tuple[str, str]]:
+                          ) -> list[tuple[str, str, str]]:
     """Notes for modules that apply a weight of their own with ``F.conv*``/``F.linear`` in their
     forward but are no registered weight layer: they get no IC block, and the note says how to
     register them (a weight layer's weight used elsewhere is handled as ``functional``)."""
@@ -133,10 +137,11 @@ def _unregistered_weights(scope: Scope, layers: dict[str, Layer], modules: dict[
         notes[owner] = (f"applies its own weight with {node.target.__name__} but {cls.__name__} is not a registered "
                         f"weight layer, so it gets no IC block; register it: "
                         f"icrewrite.register_weight_layer({cls.__module__}.{cls.__qualname__})")
-    return list(notes.items())
+    return [(owner, "unregistered-layer", message) for owner, message in notes.items()]
 
 
-def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBeforeAct]) -> list[tuple[str, str]]:
+def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBeforeAct],
+                   tied: dict[str, list[str]]) -> list[tuple[str, str, str]]:
     """Mark the scope's weight layers and collect its BatchNorm -> activation patterns; returns
     notes for weights applied by modules that are no registered weight layer."""
     assert scope.graph is not None
@@ -163,7 +168,7 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
             if fused is None and not act_users:
                 continue  # not before an activation: the paper keeps such BatchNorms
             producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            reason = (_fold_blocker(module, producer, scope, modules, calls, attr_owners, node.target)
+            reason = (_fold_blocker(module, producer, scope, modules, calls, attr_owners, node.target, tied)
                       if producer is not None else "its input is not a graph value")
             norms.append(NormBeforeAct(name, module, None if reason else scope.qualname(producer.target),
                                        fused is not None, reason))
@@ -177,7 +182,7 @@ def _analyse_scope(scope: Scope, layers: dict[str, Layer], norms: list[NormBefor
     return _unregistered_weights(scope, layers, modules)
 
 
-def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> list[tuple[str, str]]:
+def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> list[tuple[str, str, str]]:
     """Settle, with one meta forward pass, whether the weight layers no trace saw are called,
     and read the input features of those registered without them.
 
@@ -198,7 +203,7 @@ def _probe_unseen(model: nn.Module, layers: dict[str, Layer]) -> list[tuple[str,
             continue
         why = ("the model does not run on a meta input" if usage is None else "its forward never ran"
                if name not in usage.called else "no conv/linear call in its forward reads its input's features")
-        notes.append((name, features_unknown(layers.pop(name).module, why)))
+        notes.append((name, "unknown-features", features_unknown(layers.pop(name).module, why)))
     return notes
 
 
@@ -237,14 +242,16 @@ def analyse(model: nn.Module) -> Analysis:
             layers[name] = Layer(name, module, features, feature_dim, has_ic=isinstance(module, ICWeightLayer))
     scopes = trace_scopes(model)
     norms: list[NormBeforeAct] = []
-    notes: list[tuple[str, str]] = []
+    notes: list[tuple[str, str, str]] = []
+    tied = tied_parameters(model)
     for scope in scopes:
         for name in scope.input_layers:
             layers[name].reads_model_input = True
         if scope.graph is not None:
-            notes.extend(_analyse_scope(scope, layers, norms))
+            notes.extend(_analyse_scope(scope, layers, norms, tied))
         elif scope.error is not None:
-            notes.append((scope.prefix or "<model>", f"not traceable ({scope.error}); weight layers inside get IC, "
+            notes.append((scope.prefix or "<model>", "untraceable",
+                          f"not traceable ({scope.error}); weight layers inside get IC, "
                           "BatchNorms inside are kept"))
     notes.extend(_probe_unseen(model, layers))
     return Analysis(layers, norms, scopes, notes, _find_reroutes(model, layers, scopes))

@@ -15,12 +15,12 @@ the same function with those layers called as modules, so they become ordinary I
   child ``ic``, applied to the attention input (query = key = value).
 
 The subclasses (``icrewrite.layers.attention``) keep the module's name, parameters and
-state-dict keys, and ``isinstance`` holds. A plan records a routed class by its import path,
-``"module:qualname"`` (:func:`class_path`, :func:`import_class`).
+state-dict keys, and ``isinstance`` holds. A plan records a routed class by its name,
+``"module:qualname"`` (``registry.class_path``), which a plan read back resolves only among the
+classes ``register_reroute(..., routes_to=...)`` declared (``registry.routed_class``).
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,9 +32,9 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedW
 from ..errors import ConversionError
 from ..layers import IC, swap_class
 from ..layers.attention import RoutedMultiheadAttention, RoutedShiftedWindowAttention, RoutedShiftedWindowAttentionV2
-from ..registry import register_reroute, reroute_finders
+from ..registry import class_path, register_reroute, reroute_finders, routed_class
 
-__all__ = ["Reroute", "find_reroute", "route", "class_path", "import_class"]
+__all__ = ["Reroute", "find_reroute", "route", "resolve_routed_class"]
 
 
 @dataclass(frozen=True)
@@ -96,28 +96,27 @@ def _shifted_window(base: type[nn.Module], routed: type[nn.Module]
 
 def find_reroute(attention: nn.Module, calls: Sequence[fx.Node]) -> Reroute | None:
     """How to make ``attention`` call its weight layers as modules, or None when no registered
-    reroute knows a way. ``calls``: the ``call_module`` nodes of ``attention`` in the traces."""
-    return next((r for find in reroute_finders(attention) if (r := find(attention, calls)) is not None), None)
+    reroute knows a way. ``calls``: the ``call_module`` nodes of ``attention`` in the traces.
+    A reroute to a class its ``register_reroute`` call did not declare is refused: a plan that
+    names it could not be read back."""
+    found = next((r for find in reroute_finders(attention) if (r := find(attention, calls)) is not None), None)
+    if found is not None and found.routed_class is not None and routed_class(class_path(found.routed_class)) is None:
+        cls, routed = type(attention).__name__, found.routed_class.__name__
+        raise ConversionError(f"a reroute of {cls} returned class {routed}, which no register_reroute call declares; "
+                              f"declare it: icrewrite.register_reroute({cls}, find, routes_to=[{routed}])")
+    return found
 
 
-def class_path(cls: type) -> str:
-    """``"module:qualname"`` of a class, what :func:`import_class` reads back."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def import_class(path: str) -> type[nn.Module]:
-    """The ``nn.Module`` subclass a :func:`class_path` names, imported; ``ConversionError`` when
-    there is none (a class defined inside a function has no import path)."""
-    module_name, _, qualname = path.partition(":")
-    try:
-        found: object = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConversionError(f"cannot import the routed class {path!r} ({type(err).__name__}: {err}); a routed class "
-                              "must be defined at the top level of a module") from err
-    if not (isinstance(found, type) and issubclass(found, nn.Module)):
-        raise ConversionError(f"{path!r} is not an nn.Module class")
+def resolve_routed_class(path: str, base: type[nn.Module]) -> type[nn.Module]:
+    """The routed class a plan names for a module of class ``base``: one that ``register_reroute``
+    declared in ``routes_to`` (looked up, never imported) and a subclass of ``base``."""
+    found = routed_class(path)
+    if found is None:
+        raise ConversionError(f"unknown routed class {path!r}: no register_reroute call of this process declares it; "
+                              f"register it with icrewrite.register_reroute({base.__name__}, find, routes_to=[<the "
+                              "class>]) before loading the plan")
+    if not issubclass(found, base):
+        raise ConversionError(f"cannot reroute {base.__name__} to {found.__name__}, which is not a subclass of it")
     return found
 
 
@@ -140,8 +139,9 @@ def route(attention: nn.Module, reroute: Reroute, ic: IC | None = None) -> None:
 
 
 register_reroute(nn.Module, _separable_qkv_bias, reason="timm attention with a qkv_bias_separate flag")
-register_reroute(nn.MultiheadAttention, _packed_self_attention, reason="torch MultiheadAttention as self-attention")
+register_reroute(nn.MultiheadAttention, _packed_self_attention, routes_to=[RoutedMultiheadAttention],
+                 reason="torch MultiheadAttention as self-attention")
 register_reroute(ShiftedWindowAttention, _shifted_window(ShiftedWindowAttention, RoutedShiftedWindowAttention),
-                 reason="torchvision Swin")
+                 routes_to=[RoutedShiftedWindowAttention], reason="torchvision Swin")
 register_reroute(ShiftedWindowAttentionV2, _shifted_window(ShiftedWindowAttentionV2, RoutedShiftedWindowAttentionV2),
-                 reason="torchvision Swin V2")
+                 routes_to=[RoutedShiftedWindowAttentionV2], reason="torchvision Swin V2")

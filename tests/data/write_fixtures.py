@@ -5,10 +5,17 @@ checkpoints and before the package was split into sub-packages, with torch 2.14.
 timm 1.0.31. Tests load them with today's code and compare with what the writing model
 recorded in ``expected/``: state dict, module classes, and the eval output on a seeded input.
 Do not regenerate them: they stand for files that users already have.
+
+``python write_fixtures.py plans`` wrote ``plans/*.json``: schema-1 plans (``Plan.to_dict()``
+of icrewrite 0.1.0 at commit 80ae67c, torch 2.14.1, timm 1.0.31) of the models and options
+of ``tests/test_plans.py`` (``CASES``, built by its ``build``): folded BatchNorms, a fused
+BatchNormAct2d, the three kinds of attention reroute, the residual-unit layouts, every form
+of activation statistics. test_plans.py reads them with today's code and replays them.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import safetensors.torch
@@ -50,5 +57,16 @@ def main() -> None:
         (HERE / "expected" / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
+def write_plans() -> None:
+    """Each case of tests/test_plans.py planned by this icrewrite, as ``plans/<case>.json``."""
+    sys.path.insert(0, str(HERE.parent))
+    from test_plans import CASES, build
+
+    (HERE / "plans").mkdir(exist_ok=True)
+    for case, (name, options) in CASES.items():
+        data = icrewrite.plan(build(name), **options).to_dict()
+        (HERE / "plans" / f"{case}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    write_plans() if sys.argv[1:] == ["plans"] else main()
