@@ -83,8 +83,7 @@ def convert(
     of the same architecture (also through ``Plan.to_dict()``/``from_dict()``), to convert by
     it instead of tracing the model; its options apply.
     """
-    calibration = check_convert_arguments(model, p=p, exclude=exclude, calibration=calibration,
-                                          calibration_batches=calibration_batches)
+    calibration = check_convert_arguments(model, calibration=calibration, calibration_batches=calibration_batches)
     options = Options(p=p, p_overrides=p_overrides, init=init, stem=stem, head=head, exclude=exclude, layout=layout)
     if plan is not None:
         if not isinstance(plan, Plan):

@@ -28,7 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..errors import ConversionError
 from ..layers import IC, ICWeightLayer, attach_ic
-from ..registry import is_activation_module, is_batchnorm, is_foldable_into, is_weight_layer, weight_layer_features
+from ..registry import declared_features, is_activation_module, is_batchnorm, is_foldable_into, is_weight_layer
 from ._clone import clone_module
 from ._init_stats import site_moments
 from ._layouts import branch_end_module
@@ -338,8 +338,13 @@ def _check_weight_layer(edit: Edit, view: ModelView, where: str) -> nn.Module:
         raise edit.mismatch(where, "the layer already has an IC block", "target")
     if not any(True for _ in layer.parameters()):
         raise edit.mismatch(where, "the layer has no parameters", "target")
-    features, feature_dim = weight_layer_features(layer)
-    edit.expect(where, "features", edit.features, features, "the layer's input features")
+    declared = declared_features(layer)
+    if declared is not None:
+        edit.expect(where, "features", edit.features, declared[0], "the layer's input features")
+    elif edit.features > (weight_elements := sum(p.numel() for p in layer.parameters())):
+        # features read by the analysis from the layer's input: at most one per weight element it applies
+        raise edit.mismatch(where, f"{edit.features} is more than the layer's {weight_elements} weight elements "
+                                   "could read", "features")
     return layer
 
 
@@ -364,7 +369,8 @@ class InsertIC(Edit):
 
     def check(self, view: ModelView, where: str) -> None:
         layer = _check_weight_layer(self, view, where)
-        self.expect(where, "feature_dim", self.feature_dim, weight_layer_features(layer)[1], "the layer's feature dim")
+        if (declared := declared_features(layer)) is not None:
+            self.expect(where, "feature_dim", self.feature_dim, declared[1], "the layer's feature dim")
         self.expect(where, "param_delta", self.param_delta, 2 * self.features, "an IC block's parameters")
         if self.statistics is None:
             return

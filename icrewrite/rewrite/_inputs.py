@@ -1,12 +1,11 @@
 """Checks of what a Python caller hands to ``convert``, ``verify`` and ``save``, before any work.
 
 Options and plans are parsed by ``Options``/``Plan`` (``_plan``); these are the other
-arguments: the model itself, the types of ``p`` and ``exclude`` as given, calibration data.
+arguments: the model itself and calibration data.
 Each failure is one ``ConversionError`` line naming the argument.
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -50,16 +49,11 @@ def _checked_batches(data: Iterable) -> Iterator[Any]:
                               "could be read)")
 
 
-def check_convert_arguments(model: Any, *, p: Any, exclude: Any, calibration: Any, calibration_batches: Any
-                            ) -> Iterable | torch.Tensor | None:
-    """Raise a one-line ``ConversionError`` for arguments of ``convert`` of the wrong kind;
-    returns ``calibration`` with each batch checked as it is read."""
+def check_convert_arguments(model: Any, *, calibration: Any, calibration_batches: Any) -> Iterable | torch.Tensor | None:
+    """Raise a one-line ``ConversionError`` for arguments of ``convert`` of the wrong kind
+    (``Options`` checks the conversion options); returns ``calibration`` with each batch
+    checked as it is read."""
     check_model_usable(model, "convert", real_tensors=False)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise ConversionError(f"p must be a number in [0, 1), got {type(p).__name__} {p!r}")
-    if not isinstance(exclude, str) and not (isinstance(exclude, Iterable)
-                                             and all(isinstance(e, str) for e in exclude)):
-        raise ConversionError(f"exclude must be a pattern or a list of patterns (strings), got {exclude!r}")
     if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
         raise ConversionError(f"calibration_batches must be a positive integer, got {calibration_batches!r}")
     if calibration is None or isinstance(calibration, torch.Tensor):
