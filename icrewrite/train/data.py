@@ -244,14 +244,21 @@ def make_dataset(
     augment: bool | None = None,
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
 ) -> Dataset:
     """The ``split`` of data ``spec`` (see the module doc) as ``(image, label)`` samples.
 
     ``augment`` (default: on for a training split) selects timm's training transform
-    (random resized crop, flip, colour jitter) instead of resize + centre crop; ``mean``
-    and ``std`` normalise folder and timm images (the digits set normalises itself).
+    (random resized crop, flip, colour jitter, and ``auto_augment`` (a timm policy such as
+    ``rand-m9-mstd0.5``) and random erasing with probability ``re_prob``) instead of resize +
+    centre crop; ``mean`` and ``std`` normalise folder and timm images (the digits set
+    normalises itself).
     """
     if spec == DIGITS:
+        if auto_augment or re_prob:
+            raise DataError("auto-augmentation and random erasing (--aa, --reprob) apply to image folders and timm "
+                            "datasets; the digits set is tensors")
         return DigitsDataset(split, img_size)
     train = is_train_split(split)
     path = Path(spec).expanduser()
@@ -270,7 +277,12 @@ def make_dataset(
     if isinstance(dataset, IterableDataset):
         raise DataError(f"{spec} is a streaming dataset; icrewrite needs a map-style (indexable) one")
     is_training = train if augment is None else augment
-    _set_transform(dataset, create_transform(img_size, is_training=is_training, mean=mean, std=std))
+    recipe = {"auto_augment": auto_augment, "re_prob": re_prob} if is_training else {}
+    try:
+        transform = create_transform(img_size, is_training=is_training, mean=mean, std=std, **recipe)
+    except (AssertionError, ValueError, KeyError) as err:  # timm's policy parser: an unknown --aa
+        raise DataError(f"cannot build the training transform (auto_augment={auto_augment!r}): {err!r}") from err
+    _set_transform(dataset, transform)
     return dataset
 
 
