@@ -216,7 +216,18 @@ def with_classes(model: nn.Module, classes: int) -> nn.Module:
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The ``FinetuneConfig`` that ``add_training_arguments`` options (and ``--seed``, ``--resume``) describe;
-    raises ``TrainingError`` naming every bad number, before anything is loaded."""
+    raises ``TrainingError`` naming every bad number (data options too), before anything is loaded."""
+    problems = _data_problems(args)
+    try:
+        config = _config(args)
+    except TrainingError as err:
+        problems.insert(0, str(err))
+    if problems:
+        raise TrainingError("; ".join(problems))
+    return config
+
+
+def _config(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
         epochs=args.epochs, lr=args.lr, opt=args.opt, weight_decay=args.weight_decay, momentum=args.momentum,
         sched=args.sched, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
@@ -228,8 +239,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         log_tensorboard=args.log_tensorboard, resume=args.resume, progress=args.progress)
 
 
-def check_data_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad data numbers in one line, before anything is loaded or written."""
+def _data_problems(args: argparse.Namespace) -> list[str]:
     problems = []
     if args.batch_size < 1:
         problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -241,7 +251,12 @@ def check_data_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--reprob must be in [0, 1], got {args.reprob}")
     if getattr(args, "num_classes", None) is not None and args.num_classes < 1:
         problems.append(f"--num-classes must be >= 1, got {args.num_classes}")
-    if problems:
+    return problems
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad data numbers in one line, before anything is loaded or written."""
+    if problems := _data_problems(args):
         raise DataError("; ".join(problems))
 
 
@@ -273,7 +288,6 @@ def _summary(result: FinetuneResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # bad numbers: one line before any work
-    check_data_arguments(args)
     torch.manual_seed(args.seed)  # initial weights of anything new: a classifier, IC blocks
     model = model_from_args(args)
     loaders = loaders_from_args(args, model)

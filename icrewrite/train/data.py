@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
@@ -167,7 +167,8 @@ def read_image(path: str) -> Image.Image:
                 image = _to_8bit(image, path)
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from err
+        reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DataError(f"cannot decode image {path}: {reason}") from err
 
 
 class ImageFolder(DatasetFolder):

@@ -301,9 +301,21 @@ def _fingerprint(items: Iterator[tuple[str, Any]]) -> str:
 def _model_identity(model: nn.Module) -> dict[str, Any]:
     """What the run starts from: the architecture, how it was converted, and its weights."""
     options = options_of(model)
-    described = model_info.architecture(model) + (f", converted with {json.dumps(options, sort_keys=True)}"
-                                                    if options is not None else ", not converted")
-    return {"model": described, "model_weights": _fingerprint(iter(model.state_dict().items()))}
+    return {"model": model_info.architecture(model),
+            "conversion": json.loads(json.dumps(options)) if options is not None else "not converted",
+            "model_weights": _fingerprint(iter(model.state_dict().items()))}
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    """``key old -> new`` for a message: only the differing entries of two mappings, and long values elided."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return f"{key} " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
+                                     if old.get(k) != new.get(k))
+    if isinstance(old, dict) or isinstance(new, dict):
+        return f"{key} {'converted' if isinstance(old, dict) else old} -> {'converted' if isinstance(new, dict) else new}"
+    if len(repr(old)) + len(repr(new)) > 160 or key == "model_weights":
+        return f"{key} differs"
+    return f"{key} {old!r} -> {new!r}"
 
 
 def _data_identity(loader: DataLoader, split: str) -> dict[str, Any]:
@@ -462,13 +474,10 @@ class _Run:
         changed = [k for k in now if k not in RESUMABLE_CHANGES | {"epochs"} and saved.get(k) != now[k]]
         if now["epochs"] < saved.get("epochs", 0):
             changed.append("epochs")
-        diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed]
+        diffs = [_describe_change(k, saved.get(k), now[k]) for k in changed]
         saved_identity = state.get("identity", {})
-        for key, value in self.identity.items():
-            if saved_identity.get(key) != value:
-                old = saved_identity.get(key)
-                short = len(repr(old)) + len(repr(value)) < 160 and key not in ("model_weights",)
-                diffs.append(f"{key} {old!r} -> {value!r}" if short else f"{key} differs")
+        diffs += [_describe_change(key, saved_identity.get(key), value) for key, value in self.identity.items()
+                  if saved_identity.get(key) != value]
         if diffs:
             raise TrainingError(f"cannot resume {self.out_dir} with another setup ({'; '.join(diffs)}); use the "
                                 "original model, data and options (only --epochs may grow), or a new output folder")
