@@ -281,6 +281,16 @@ def test_a_bad_config_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert exit_.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_a_config_file_without_pyyaml_names_the_extra(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "c.yaml").write_text("lr: 0.1\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now raises ImportError
+    with pytest.raises(SystemExit):
+        _parse("finetune", "test_resnet", "-o", "x", "-c", str(tmp_path / "c.yaml"))
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: yaml is not installed; it comes with pip install 'icrewrite[train]'")
+
+
 # --- resume with the recipe on ----------------------------------------------------------------------------------
 
 RECIPE = dict(mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, grad_accum_steps=2, ema=True, ema_decay=0.9,

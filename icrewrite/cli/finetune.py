@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import convert
-from ..errors import DataError, TrainingError, require
+from ..errors import DataError, ICRewriteError, TrainingError, require
 from ..rewrite import options_of
 from ..train.data import DIGITS, make_loader, num_classes
 from ..train import FinetuneConfig, FinetuneResult, finetune
@@ -147,7 +147,7 @@ def _read_config_file_after_parsing(parser: argparse.ArgumentParser) -> None:
             explicit = {dest for dest, value in vars(given).items() if not (type(value) is _Unset and not value)}
             try:
                 apply_config_file(parser, parsed, parsed.config, explicit)
-            except (DataError, TrainingError) as err:
+            except ICRewriteError as err:  # a bad file or a missing PyYAML: argparse's one error line
                 parser.error(str(err))
         return parsed, rest
 
@@ -288,6 +288,8 @@ def _summary(result: FinetuneResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # bad numbers: one line before any work
+    if config.log_tensorboard:
+        require("tensorboard", "tensorboard")
     torch.manual_seed(args.seed)  # initial weights of anything new: a classifier, IC blocks
     model = model_from_args(args)
     loaders = loaders_from_args(args, model)

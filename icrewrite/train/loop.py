@@ -407,6 +407,11 @@ class _Run:
         self.train_model: nn.Module = self.model
         self.tensorboard = None
 
+    @property
+    def lr(self) -> float:
+        """The schedule's current rate: the largest of the parameter groups' (layer decay scales the others)."""
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
     def _num_classes(self) -> int:
         classes = getattr(self.model, "num_classes", None)
         if not isinstance(classes, int) or classes < 1:
@@ -519,7 +524,7 @@ class _Run:
                 else "no training state was written yet")
         return LossNotFinite(
             f"loss became {mean_loss} at epoch {self.epoch + 1}, step {self.step + 1} (lr "
-            f"{self.optimizer.param_groups[0]['lr']:.3g}); stopped, {kept}; try a lower lr or clip_grad")
+            f"{self.lr:.3g}); stopped, {kept}; try a lower lr or clip_grad")
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward of one batch (mixed when mixup/cutmix are on), and the optimiser
@@ -580,7 +585,7 @@ class _Run:
         for images, targets in bar:
             step = self.step
             loss = self.train_batch(images, targets)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}")
             if interval and self.step != step and self.step % interval == 0 and self.batch < self.batches_per_epoch:
                 self.epoch_time += time.perf_counter() - started
                 started = time.perf_counter()
@@ -607,7 +612,7 @@ class _Run:
         if self.world.distributed:  # ranks' BatchNorm statistics drift apart by one local update per step
             distribute_bn(self.model, self.world.size, reduce=True)
         val_loss, val_acc, val_top5 = self.evaluate(self.model)
-        record = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+        record = {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr,
                   "train_loss": loss_sum / count, "train_acc": 100.0 * correct / count,
                   "val_loss": val_loss, "val_acc": val_acc, "val_top5": val_top5,
                   "epoch_time_s": self.epoch_time}
