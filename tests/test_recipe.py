@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import icrewrite
 from icrewrite.checkpoint import create_timm_model
-from icrewrite.cli import build_parser, main, model_from_args
+from icrewrite.cli import build_parser, model_from_args
 from icrewrite.errors import MissingExtra
 from icrewrite.train.data import DigitsDataset, make_dataset
 from icrewrite.train.loop import STATE_FILE, FinetuneConfig, World, _Run, finetune
@@ -151,8 +151,8 @@ def test_fp16_on_cuda(tmp_path: Path) -> None:
 
 def _groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
     names = {id(p): n for n, p in model.named_parameters()}
-    return sorted((round(g.get("lr_scale", 1.0), 12), g["weight_decay"], tuple(sorted(names[id(p)] for p in g["params"])))
-                  for g in optimizer.param_groups)
+    return sorted((round(g.get("lr_scale", 1.0), 12), g["weight_decay"],
+                   tuple(sorted(names[id(p)] for p in g["params"]))) for g in optimizer.param_groups)
 
 
 def test_layer_decay_param_groups_are_timms(tmp_path: Path) -> None:

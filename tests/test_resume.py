@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,7 +62,8 @@ CHANGES = {
     "data": (lambda: tiny(p=0.1), lambda: loaders(samples=96), {}, r"train_samples 128 -> 96"),
     "p": (lambda: tiny(p=0.2), loaders, {}, r"\(conversion p 0\.1 -> 0\.2\)"),
     "not converted": (tiny, loaders, {}, r"\(conversion converted -> not converted; model_weights differs\)"),
-    "other model": (lambda: create_timm_model("resnet10t", num_classes=10), loaders, {}, r"model 'resnet18' -> 'resnet10t'"),
+    "other model": (lambda: create_timm_model("resnet10t", num_classes=10), loaders, {},
+                    r"model 'resnet18' -> 'resnet10t'"),
     "weights": (lambda: (torch.manual_seed(1), icrewrite.convert(create_timm_model("resnet18", **TINY), init="fresh",
                                                                  p=0.1))[1], loaders, {}, r"model_weights differs"),
     "mixup": (lambda: tiny(p=0.1), loaders, {"mixup": 0.2}, r"mixup 0\.0 -> 0\.2"),
@@ -114,7 +116,8 @@ def test_more_epochs_on_resume_extend_the_run(tmp_path: Path) -> None:
         assert record["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
 
 
-def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path: Path, workers: int) -> None:
     class Broken(Dataset):
         def __len__(self) -> int:
             return 64
@@ -124,10 +127,20 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path: Pat
                 raise DataError(f"cannot decode image {index}.png: not an image file PIL can read")
             return torch.zeros(3, 8, 8), 0
 
-    with pytest.raises(DataError):
-        finetune(tiny(), DataLoader(Broken(), batch_size=16), loaders()[1], tmp_path / "run", epochs=1,
-                 progress=False)
+    with pytest.raises(DataError) as error:
+        finetune(tiny(), DataLoader(Broken(), batch_size=16, num_workers=workers), loaders()[1], tmp_path / "run",
+                 epochs=1, progress=False)
+    assert re.fullmatch(r"cannot decode image \d+\.png: not an image file PIL can read", str(error.value))  # one line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_training_state_is_one_line(tmp_path: Path) -> None:
+    finetune(tiny(), *loaders(samples=32), tmp_path, epochs=1, progress=False)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    del state["progress"]
+    torch.save(state, tmp_path / STATE_FILE)
+    with pytest.raises(TrainingError, match=r"cannot resume from .*last.pt: it is damaged .*KeyError"):
+        finetune(tiny(), *loaders(samples=32), tmp_path, epochs=1, resume=True, progress=False)
 
 
 BAD_NUMBERS = [("--lr", v) for v in ("nan", "inf", "-inf", "0", "-1e-3")] + [

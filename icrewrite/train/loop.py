@@ -74,7 +74,8 @@ from ..rewrite import options_of
 from .data import class_names, resumable_loader, set_model_class_names
 from .plot import plot_history
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "joined_world", "time_steps"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "joined_world",
+           "record_class_names", "time_steps"]
 
 STATE_FILE = "last.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -312,7 +313,8 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
         return f"{key} " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
                                      if old.get(k) != new.get(k))
     if isinstance(old, dict) or isinstance(new, dict):
-        return f"{key} {'converted' if isinstance(old, dict) else old} -> {'converted' if isinstance(new, dict) else new}"
+        old, new = ("converted" if isinstance(v, dict) else v for v in (old, new))
+        return f"{key} {old} -> {new}"
     if len(repr(old)) + len(repr(new)) > 160 or key == "model_weights":
         return f"{key} differs"
     return f"{key} {old!r} -> {new!r}"
@@ -508,7 +510,15 @@ class _Run:
         return values.cpu()
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, targets in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                return
+            except DataError as err:  # from a worker process, torch adds its traceback: keep the one line
+                raise DataError(str(err).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}."
+                                                                               f"{DataError.__name__}: ")) from err
             yield (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
                    targets.to(self.device, non_blocking=True))
 
@@ -738,7 +748,12 @@ def finetune(
             random_seed(config.seed, world.rank)
             run = _Run(model, train_loader, val_loader, out_dir, config, world, device)
             if config.resume and state_path.exists():
-                run.load_state_dict(_load_state(state_path))
+                try:
+                    run.load_state_dict(_load_state(state_path))
+                except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:  # a damaged or foreign file
+                    raise TrainingError(f"cannot resume from {state_path}: it is damaged or not a training state "
+                                        f"of this run ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+                                        ) from err
                 if world.primary:
                     _rewrite_jsonl(out_dir / METRICS_FILE, run.history)
                     tqdm.write(f"resuming {out_dir}: {run.epoch} epoch(s) and {run.batch} batch(es) done, "
