@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -264,6 +266,30 @@ def test_a_config_file_sets_options_and_the_command_line_overrides_it(tmp_path: 
     config.write_text(config.read_text().replace("exclude: [head, 'stem*']\n", ""))  # compare's variants hold those
     compare = _parse("compare", "test_resnet", "-o", "x", "-c", str(config), "--mixup", "0.5")
     assert (compare.lr, compare.mixup, compare.grad_accum_steps, compare.epochs) == (0.01, 0.5, 2, 7)
+
+
+OVERRIDABLE = {"lr": (0.01, 0.2), "epochs": (1, 9), "batch_size": (8, 48), "mixup": (0.1, 0.9),
+               "grad_accum_steps": (2, 5), "ema": (True, True), "amp": ("bf16", "fp16"), "aa": ("v0", "original")}
+
+
+@given(in_file=st.sets(st.sampled_from(sorted(OVERRIDABLE))), on_line=st.sets(st.sampled_from(sorted(OVERRIDABLE))),
+       dashes=st.booleans(), config_first=st.booleans())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_config_file_and_command_line_combine_as_documented(tmp_path: Path, in_file: set[str], on_line: set[str],
+                                                            dashes: bool, config_first: bool) -> None:
+    """Each option: the command line's value if given there, else the file's, else the default."""
+    config = tmp_path / "c.yaml"
+    config.write_text("".join(f"{k.replace('_', '-') if dashes else k}: {json.dumps(OVERRIDABLE[k][0])}\n"
+                              for k in sorted(in_file)))
+    line = [part for k in sorted(on_line) for part in
+            ([f"--{k.replace('_', '-')}"] if isinstance(OVERRIDABLE[k][1], bool) else
+             [f"--{k.replace('_', '-')}", str(OVERRIDABLE[k][1])])]
+    file_args = ["-c", str(config)]
+    args = _parse("finetune", "test_resnet", "-o", "x", *(file_args + line if config_first else line + file_args))
+    defaults = _parse("finetune", "test_resnet", "-o", "x")
+    for key, (from_file, from_line) in OVERRIDABLE.items():
+        expected = from_line if key in on_line else from_file if key in in_file else getattr(defaults, key)
+        assert getattr(args, key) == expected, key
 
 
 @pytest.mark.parametrize("text, message", [
