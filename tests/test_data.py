@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
-from icrewrite.train.data import (DataError, DigitsDataset, EpochSampler, SeededDataset, digits_loaders, make_dataset,
-                            make_loader, num_classes, resumable_loader)
+from icrewrite.train.data import (DataError, DigitsDataset, EpochSampler, SeededDataset, class_names, digits_loaders,
+                                  folder_classes, make_dataset, make_loader, num_classes, read_image, resumable_loader)
 
 
 def write_digits_folder(root: Path, per_class: int = 6, classes: int = 3) -> Path:
@@ -156,3 +158,98 @@ def test_resumable_loader_does_not_depend_on_workers_or_resume_point() -> None:
     assert len(reference) == 3
     for got in (batches(workers=2), [*reference[:1], *batches(workers=2, skip_batches=1)]):
         assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
+
+
+# --- one class index, from the training split -------------------------------------------------------------------
+
+
+def _write_image(path: Path, rgb: tuple[int, int, int], size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), rgb).save(path)
+
+
+def _write_split(root: Path, classes: dict[str, int]) -> Path:
+    """``root/<class>/<n>.png`` plain-colour images; ``classes`` maps class name -> image count."""
+    for label, (name, count) in enumerate(classes.items()):
+        for n in range(count):
+            _write_image(root / name / f"{n}.png", (40 * label, 10 * n, 255 - 40 * label))
+    return root
+
+
+def test_hidden_entries_are_not_classes_or_samples(tmp_path: Path) -> None:
+    root = _write_split(tmp_path / "train", {"ant": 2, "cat": 2, "dog": 2})
+    _write_image(tmp_path / "train" / ".hidden_class" / "0.png", (1, 2, 3))
+    _write_image(tmp_path / "train" / ".ipynb_checkpoints" / "0.png", (1, 2, 3))
+    _write_image(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png", (1, 2, 3))
+    (root / "ant" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS resource fork, not a PNG
+    _write_split(tmp_path / "val", {"ant": 1, "cat": 1, "dog": 1})
+    train = make_dataset(str(tmp_path), "train", img_size=8)
+    assert class_names(train) == ["ant", "cat", "dog"]
+    assert len(train) == 6 and sorted(train.targets) == [0, 0, 1, 1, 2, 2]
+    assert all(not Path(path).name.startswith(".") and ".ipynb_checkpoints" not in path for path, _ in train.samples)
+    assert all(train[i][0].shape == (3, 8, 8) for i in range(len(train)))  # every sample decodes; none substituted
+
+
+def test_validation_is_read_with_the_training_class_index(tmp_path: Path) -> None:
+    _write_split(tmp_path / "train", {"ant": 2, "cat": 2, "dog": 2})
+    _write_split(tmp_path / "val", {"cat": 1, "dog": 1})
+    with pytest.warns(UserWarning, match=r"no images of 1 of the 3 training classes \(ant\)"):
+        val = make_dataset(str(tmp_path), "val", img_size=8)
+    assert class_names(val) == ["ant", "cat", "dog"] and num_classes(val) == 3
+    assert {Path(path).parent.name: target for path, target in val.samples} == {"cat": 1, "dog": 2}
+
+
+def test_a_class_only_in_validation_is_refused_by_name(tmp_path: Path) -> None:
+    _write_split(tmp_path / "train", {"cat": 1, "dog": 1})
+    _write_split(tmp_path / "val", {"cat": 1, "dog": 1, "emu": 1})
+    with pytest.raises(DataError, match=r"class folder\(s\) emu that .*train has not") as error:
+        make_dataset(str(tmp_path), "val")
+    assert "\n" not in str(error.value)
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    pixels = np.asarray(read_image(str(tmp_path / "g16.png")))
+    assert pixels.shape == (8, 8, 3) and (pixels == 255).mean() < 0.05  # convert("RGB") alone makes 98% of them 255
+    np.testing.assert_allclose(pixels[..., 0], ramp / 257, atol=0.5)
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "f.tiff")
+    np.testing.assert_allclose(np.asarray(read_image(str(tmp_path / "f.tiff")))[..., 1], ramp / 257, atol=0.5)
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "wide.tiff")  # floats in 0..65535: no known scale
+    with pytest.raises(DataError, match=r"wide.tiff: F image with values in \[0.0, 65535.0\]"):
+        read_image(str(tmp_path / "wide.tiff"))
+
+
+def test_hold_out_with_more_classes_than_held_out_images(tmp_path: Path) -> None:
+    root = _write_split(tmp_path / "many", {f"c{k:02d}": 2 for k in range(30)})  # 60 images: 12 held out
+    with pytest.warns(UserWarning, match="30 classes in 60 images"):
+        train = make_dataset(str(root), "train", img_size=8)
+    with pytest.warns(UserWarning):
+        val = make_dataset(str(root), "val", img_size=8)
+    assert len(train) == 48 and len(val) == 12 and set(train.indices).isdisjoint(val.indices)
+    assert class_names(train) == class_names(val) == [f"c{k:02d}" for k in range(30)]
+    _write_split(tmp_path / "one", {"a": 1})
+    with pytest.raises(DataError, match="1 image\\(s\\) cannot be split"):
+        make_dataset(str(tmp_path / "one"), "train")
+
+
+def test_a_folder_where_no_image_decodes_is_one_error_line(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot decode image .*x.png") as error:
+        make_dataset(str(tmp_path), "train")
+    assert "\n" not in str(error.value)
+
+
+@given(names=st.lists(st.text(alphabet="abcXYZ019_-", min_size=1, max_size=6), min_size=1, max_size=6, unique=True),
+       hidden=st.lists(st.sampled_from([".hidden", ".ipynb_checkpoints", ".git", "._a"]), max_size=3, unique=True))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_folder_classes_are_the_sorted_visible_folders(tmp_path_factory: pytest.TempPathFactory, names: list[str],
+                                                       hidden: list[str]) -> None:
+    root = tmp_path_factory.mktemp("classes")
+    for name in [*names, *hidden]:
+        (root / name).mkdir()
+    (root / "file.png").write_bytes(b"")  # a file at the top is no class
+    assert folder_classes(root) == sorted(names)

@@ -79,6 +79,7 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
     create: dict[str, Any] = {"pretrained": True} if args.pretrained else {}
     if args.num_classes is not None:
         create["num_classes"] = args.num_classes
+    create.update(getattr(args, "model_kwargs", None) or {})  # --model-kwargs, where a command has it
     progress(f"loading {args.model}" + (f" with weights from {args.checkpoint}" if args.checkpoint else ""))
     return load_model(args.model, checkpoint=args.checkpoint, unsafe_pickle=args.unsafe_pickle, **create)
 

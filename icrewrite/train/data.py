@@ -7,6 +7,11 @@ A data *spec* is one of:
 - a directory: an ImageFolder (one sub-folder per class). With ``train/`` and
   ``val/``-like sub-folders those are the splits; otherwise a fixed stratified 80/20
   hold-out of the folder is used, so "my images in class folders" just works.
+  One class index serves both splits: the sorted class folder names of the training
+  split (hidden entries such as ``.ipynb_checkpoints/`` and AppleDouble ``._x.png`` are
+  not data). A class found only in validation is refused, one missing from validation is
+  reported, and an image that does not decode is an error naming it (never replaced by
+  another sample). 16-bit and float greyscale images are scaled to 8 bit, not clipped.
 - ``NAME:ROOT``: any map-style timm dataset, e.g. ``torch/cifar10:/data/cifar10``
   (never downloaded).
 
@@ -18,7 +23,10 @@ whatever the number of worker processes or ranks.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
+from torchvision.datasets import DatasetFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DataError, require
 
@@ -36,12 +48,18 @@ __all__ = [
     "DataError",
     "DigitsDataset",
     "EpochSampler",
+    "ImageFolder",
     "SeededDataset",
+    "class_names",
     "digits_loaders",
+    "folder_classes",
     "make_dataset",
     "make_loader",
+    "model_class_names",
     "num_classes",
+    "read_image",
     "resumable_loader",
+    "set_model_class_names",
 ]
 
 DIGITS = "digits"
@@ -61,11 +79,21 @@ def is_train_split(split: str) -> bool:
 
 
 def _holdout(targets: np.ndarray, train: bool) -> np.ndarray:
-    """Indices of the fixed stratified train or test part of a labelled set."""
+    """Indices of the fixed train or test part of a labelled set: stratified by class when
+    every class can have a sample on both sides, else a plain seeded split (reported)."""
     indices = np.arange(len(targets))
-    stratify = targets if np.unique(targets, return_counts=True)[1].min() >= 2 else None
+    test_size = math.ceil(HOLDOUT_FRACTION * len(targets))  # as scikit-learn rounds a fraction
+    if len(targets) - test_size < 1:
+        raise DataError(f"{len(targets)} image(s) cannot be split into training and validation parts; "
+                        "give more images or train/ and val/ folders")
+    counts = np.unique(targets, return_counts=True)[1]
+    stratify = targets if counts.min() >= 2 and min(test_size, len(targets) - test_size) >= len(counts) else None
+    if stratify is None:
+        warnings.warn(f"{len(counts)} classes in {len(targets)} images: too few for a split with every class on "
+                      f"both sides; held out a random {HOLDOUT_FRACTION:.0%} (some classes are only on one side)",
+                      stacklevel=3)
     train_idx, test_idx = require("sklearn.model_selection", "train").train_test_split(
-        indices, test_size=HOLDOUT_FRACTION, stratify=stratify, random_state=SPLIT_SEED)
+        indices, test_size=test_size, stratify=stratify, random_state=SPLIT_SEED)
     return np.sort(train_idx if train else test_idx)
 
 
@@ -102,23 +130,107 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return next((root / name for name in names if (root / name).is_dir()), None)
 
 
-def _image_folder(root: Path) -> Dataset:
+def _visible(name: str) -> bool:
+    """False for hidden entries: ``.ipynb_checkpoints/``, ``.DS_Store``, AppleDouble ``._x.png``."""
+    return not name.startswith(".")
+
+
+def folder_classes(root: Path) -> list[str]:
+    """The class names of an ImageFolder: its visible sub-folders, sorted."""
     try:
-        return create_dataset("", root=str(root), search_split=False)
-    except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
-        raise DataError(f"cannot use {root} as an ImageFolder: {err}") from err
+        return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
+    except OSError as err:
+        raise DataError(f"cannot read {root}: {err.strerror or err}") from err
+
+
+def _to_8bit(image: Image.Image, path: str) -> Image.Image:
+    """``image`` as 8-bit, for the modes that ``convert("RGB")`` would clip: 16-bit integers
+    (full range 0..65535) are scaled by 255/65535, floats in [0, 1] by 255; others refused."""
+    pixels = np.asarray(image)
+    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.min() >= 0 and pixels.max() <= 65535):
+        scaled = pixels.astype(np.float64) * (255 / 65535)
+    elif image.mode == "F" and pixels.min() >= 0 and pixels.max() <= 1:
+        scaled = pixels.astype(np.float64) * 255
+    else:
+        raise DataError(f"{path}: {image.mode} image with values in [{pixels.min()}, {pixels.max()}]: icrewrite "
+                        "reads 16-bit images in 0..65535 and float images in [0, 1]; convert it to 8 or 16 bit")
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+def read_image(path: str) -> Image.Image:
+    """The RGB image in file ``path``, decoded now; high-bit-depth greyscale is scaled, not clipped.
+    A file that does not decode raises :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                image = _to_8bit(image, path)
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DataError(f"cannot decode image {path}: {reason}") from err
+
+
+class ImageFolder(DatasetFolder):
+    """The images under ``root/<class>/`` (any depth) for the given class index ``classes``:
+    a class folder missing under ``root`` has no samples, folders not in ``classes`` and
+    hidden entries are not read. Samples are ``(RGB image, class index)`` via :func:`read_image`."""
+
+    def __init__(self, root: Path, classes: list[str], transform: Any = None) -> None:
+        self._index = list(classes)
+        root = Path(root)
+
+        def is_image(path: str) -> bool:
+            relative = Path(path).relative_to(root)
+            return all(_visible(part) for part in relative.parts) and path.lower().endswith(IMG_EXTENSIONS)
+
+        super().__init__(str(root), loader=read_image, transform=transform, is_valid_file=is_image, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._index, {name: index for index, name in enumerate(self._index)}
+
+
+def _image_folder(root: Path, classes: list[str]) -> ImageFolder:
+    """The ImageFolder at ``root`` read with ``classes``; refused when it holds no image, or its
+    first image does not decode (a folder of files that are not images)."""
+    if not classes:
+        raise DataError(f"cannot use {root} as an ImageFolder: it has no class sub-folders")
+    dataset = ImageFolder(root, classes)
+    if not dataset.samples:
+        raise DataError(f"cannot use {root} as an ImageFolder: found no images ({', '.join(IMG_EXTENSIONS)}) in "
+                        f"its class folders")
+    read_image(dataset.samples[0][0])
+    return dataset
+
+
+def _check_eval_classes(train_root: Path, eval_root: Path, dataset: ImageFolder) -> None:
+    """Refuse an evaluation split with classes the training split lacks; report those it lacks."""
+    extra = sorted(set(folder_classes(eval_root)) - set(dataset.classes))
+    if extra:
+        raise DataError(f"{eval_root} has class folder(s) {', '.join(extra)} that {train_root} has not: the model "
+                        "has no output for them; remove them or add them to the training data")
+    present = {target for _, target in dataset.samples}
+    missing = [name for index, name in enumerate(dataset.classes) if index not in present]
+    if missing:
+        warnings.warn(f"{eval_root} has no images of {len(missing)} of the {len(dataset.classes)} training classes "
+                      f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); validation covers the others",
+                      stacklevel=3)
 
 
 def _folder_dataset(root: Path, split: str) -> Dataset:
-    """An ImageFolder split: its own sub-folder when there is one, else a fixed hold-out."""
-    if any((root / name).is_dir() for name in TRAIN_SPLITS):
+    """An ImageFolder split: its own sub-folder when there is one, else a fixed hold-out; the
+    class index is the training split's either way."""
+    train_root = _split_dir(root, "train")
+    if train_root is not None:
         split_root = _split_dir(root, split)
         if split_root is None:
             raise DataError(f"{root} has a training folder but no {split!r} folder ({'/'.join(EVAL_SPLITS)})")
-        return _image_folder(split_root)
-    dataset = _image_folder(root)
-    targets = np.array([target for _, target in dataset.reader.samples])
-    return Subset(dataset, _holdout(targets, train=is_train_split(split)).tolist())
+        dataset = _image_folder(split_root, folder_classes(train_root))
+        if split_root != train_root:
+            _check_eval_classes(train_root, split_root, dataset)
+        return dataset
+    dataset = _image_folder(root, folder_classes(root))
+    return Subset(dataset, _holdout(np.array(dataset.targets), train=is_train_split(split)).tolist())
 
 
 def _set_transform(dataset: Dataset, transform: Any) -> None:
@@ -133,14 +245,21 @@ def make_dataset(
     augment: bool | None = None,
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
 ) -> Dataset:
     """The ``split`` of data ``spec`` (see the module doc) as ``(image, label)`` samples.
 
     ``augment`` (default: on for a training split) selects timm's training transform
-    (random resized crop, flip, colour jitter) instead of resize + centre crop; ``mean``
-    and ``std`` normalise folder and timm images (the digits set normalises itself).
+    (random resized crop, flip, colour jitter, and ``auto_augment`` (a timm policy such as
+    ``rand-m9-mstd0.5``) and random erasing with probability ``re_prob``) instead of resize +
+    centre crop; ``mean`` and ``std`` normalise folder and timm images (the digits set
+    normalises itself).
     """
     if spec == DIGITS:
+        if auto_augment or re_prob:
+            raise DataError("auto-augmentation and random erasing (--aa, --reprob) apply to image folders and timm "
+                            "datasets; the digits set is tensors")
         return DigitsDataset(split, img_size)
     train = is_train_split(split)
     path = Path(spec).expanduser()
@@ -159,7 +278,12 @@ def make_dataset(
     if isinstance(dataset, IterableDataset):
         raise DataError(f"{spec} is a streaming dataset; icrewrite needs a map-style (indexable) one")
     is_training = train if augment is None else augment
-    _set_transform(dataset, create_transform(img_size, is_training=is_training, mean=mean, std=std))
+    recipe = {"auto_augment": auto_augment, "re_prob": re_prob} if is_training else {}
+    try:
+        transform = create_transform(img_size, is_training=is_training, mean=mean, std=std, **recipe)
+    except (AssertionError, ValueError, KeyError) as err:  # timm's policy parser: an unknown --aa
+        raise DataError(f"cannot build the training transform (auto_augment={auto_augment!r}): {err!r}") from err
+    _set_transform(dataset, transform)
     return dataset
 
 
@@ -197,16 +321,58 @@ def digits_loaders(batch_size: int, img_size: int = 32, **options: Any) -> tuple
             make_loader(DIGITS, "test", batch_size, img_size, **options))
 
 
+def class_names(dataset: Dataset) -> list[str] | None:
+    """The class names of a dataset, in class-index order (None when it does not say): what
+    a trained model's outputs mean. Digits are ``"0"`` .. ``"9"``; a folder's are its
+    training class folders; a timm/torchvision dataset's are its ``classes``."""
+    base = dataset.dataset if isinstance(dataset, (Subset, SeededDataset)) else dataset
+    if isinstance(base, (Subset, SeededDataset)):
+        return class_names(base)
+    if isinstance(base, DigitsDataset):
+        return [str(digit) for digit in range(base.num_classes)]
+    classes = getattr(base, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    class_to_idx = getattr(getattr(base, "reader", None), "class_to_idx", None)
+    if isinstance(class_to_idx, dict) and sorted(class_to_idx.values()) == list(range(len(class_to_idx))):
+        return [str(name) for name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
+    return None
+
+
 def num_classes(dataset: Dataset) -> int:
     """Number of classes of a dataset made by :func:`make_dataset`."""
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    if isinstance(base, DigitsDataset):
-        return base.num_classes
-    reader = getattr(base, "reader", None)
-    classes = getattr(reader, "class_to_idx", None) or getattr(base, "classes", None)
-    if not classes:
+    names = class_names(dataset)
+    if not names:
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
         raise DataError(f"cannot tell the number of classes of {type(base).__name__}")
-    return len(classes)
+    return len(names)
+
+
+def set_model_class_names(model: nn.Module, names: list[str]) -> None:
+    """Record ``names`` as what ``model``'s outputs mean, in timm's ``pretrained_cfg["label_names"]``:
+    every model file written by ``icrewrite.save`` then carries them (timm's config fields), and
+    ``icrewrite.load`` and ``timm.create_model("local-dir:...")`` restore them."""
+    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "label_names": list(names)}
+    if isinstance(getattr(model, "num_classes", None), int):
+        cfg["num_classes"] = model.num_classes  # timm drops label names that do not fit num_classes
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = cfg
+
+
+def model_class_names(source: nn.Module | str | os.PathLike) -> list[str] | None:
+    """The class names recorded with a model or a model file written by ``icrewrite.save``
+    (``finetune`` records its training data's), or None when none are recorded."""
+    if isinstance(source, nn.Module):
+        names = (getattr(source, "pretrained_cfg", None) or {}).get("label_names")
+    else:
+        from ..checkpoint import read_config
+
+        config = read_config(source)
+        names = config.get("label_names") or (config.get("pretrained_cfg") or {}).get("label_names")
+    if isinstance(names, dict):  # timm allows {index: name}
+        names = [names[k] for k in sorted(names, key=int)] if names else None
+    return [str(name) for name in names] if names else None
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
