@@ -204,8 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Expected failures (``EXPECTED_ERRORS``: an ``ICRewriteError``, an ``OSError`` on an input
     or output, undecodable data) print one ``error:`` line and return 2; anything else is a
-    bug and keeps its traceback. ``--debug`` shows the traceback of every failure."""
-    args = build_parser().parse_args(argv)
+    bug and keeps its traceback. ``--debug`` shows the traceback of every failure. ``--help``,
+    ``--version`` and usage errors (one line) return argparse's exit code instead of raising."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else EXIT_ERROR
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         try:

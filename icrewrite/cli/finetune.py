@@ -249,8 +249,6 @@ def _data_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--workers must be >= 0, got {args.workers}")
     if not (math.isfinite(args.reprob) and 0 <= args.reprob <= 1):
         problems.append(f"--reprob must be in [0, 1], got {args.reprob}")
-    if getattr(args, "num_classes", None) is not None and args.num_classes < 1:
-        problems.append(f"--num-classes must be >= 1, got {args.num_classes}")
     return problems
 
 
