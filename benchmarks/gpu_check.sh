@@ -6,9 +6,9 @@
 #
 #   step         budget  what
 #   preflight      25 s  device and versions; the Triton self-check ("auto") per dtype and memory format
-#   smoke          95 s  the CUDA tests without torch.compile; `icrewrite finetune` of a small model on digits for
-#                        one epoch (bf16 autocast, channels-last, ICREWRITE_CUDA_IC=auto); a tiny `compare`;
-#                        `export` of the fine-tuned model
+#   smoke          90 s  the CUDA tests without torch.compile; `icrewrite finetune` of a small model on digits for
+#                        one epoch (bf16 autocast, channels-last, ICREWRITE_CUDA_IC=auto); `export` of the
+#                        fine-tuned model; a one-seed, one-epoch `compare`
 #   eager rows    140 s  benchmarks/train_overhead.py at batch 128, 224x224, bf16 autocast, channels-last for
 #                        resnet50, efficientnet_b0 and vit_small_patch16_224: one process per model and IC
 #                        variant (the original against "IC reference", the BatchNorm and Dropout modules, or
@@ -41,14 +41,17 @@ summary="$out/summary.md"
 models=(resnet50 efficientnet_b0 vit_small_patch16_224)
 device=cuda
 bench=(--batch 128 --size 224 --amp bf16 --channels-last --rounds 10 --warmup 3)
-finetune_model=resnet18
+small=(resnet18 --epochs 1 --no-progress)  # on the embedded digits, 32x32
 scale=1
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     models=(resnet18)
     device=cpu
     bench=(--batch 2 --size 32 --rounds 2 --warmup 1 --threads 2)
+    small+=(--img-size 16 --batch-size 256)
     scale=4  # CPU is slower: every budget four times as long
 fi
+small+=(--device "$device")
+finetune=("${small[@]}" --convert --num-classes 10)
 deadline=$((SECONDS + ${BUDGET_S:-470} * scale))
 
 cd "$root" || exit 2
@@ -156,13 +159,13 @@ if [[ "$(cat "$logs/preflight.status")" != ok ]]; then
     exit 1
 fi
 
-step smoke 95
-run cuda-tests 40 "$python" -m pytest -q -p no:cacheprovider -m cuda -k "not compiled" tests/test_triton_ic.py
-run finetune 30 env ICREWRITE_CUDA_IC=auto "$python" -m icrewrite.cli finetune "$finetune_model" --convert \
-    --num-classes 10 --epochs 1 --device "$device" --no-progress -o "$work/finetune"
-run compare 30 "$python" -m icrewrite.cli compare "$finetune_model" --variants baseline,ic --seeds 1 --epochs 1 \
-    --timing-rounds 2 --device "$device" --no-progress -o "$work/compare"
+step smoke 90
+run cuda-tests 30 "$python" -m pytest -q -p no:cacheprovider -m cuda -k "not compiled" tests/test_triton_ic.py
+run finetune 30 env ICREWRITE_CUDA_IC=auto "$python" -m icrewrite.cli finetune "${finetune[@]}" \
+    -o "$work/finetune"
 run export 20 "$python" -m icrewrite.cli export "$work/finetune/last.safetensors" -o "$work/model.onnx"
+run compare 30 "$python" -m icrewrite.cli compare "${small[@]}" --variants baseline,ic --seeds 1 \
+    --timing-rounds 2 -o "$work/compare"
 
 step "eager rows" 140
 for model in "${models[@]}"; do
@@ -179,8 +182,8 @@ run "$first-compiled-reference" 100 "$python" benchmarks/train_overhead.py --dev
 run "$first-compiled-triton" 80 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
     --models "$first" --variants fast --cuda-path triton --compiled-only
 run cuda-tests-compiled 60 "$python" -m pytest -q -p no:cacheprovider -m cuda -k compiled tests/test_triton_ic.py
-run finetune-compiled 60 env ICREWRITE_CUDA_IC=triton "$python" -m icrewrite.cli finetune "$finetune_model" \
-    --convert --num-classes 10 --epochs 1 --device "$device" --compile --no-progress -o "$work/finetune-compiled"
+run finetune-compiled 60 env ICREWRITE_CUDA_IC=triton "$python" -m icrewrite.cli finetune "${finetune[@]}" \
+    --compile -o "$work/finetune-compiled"
 for model in "${models[@]:1}"; do
     run "$model-compiled-reference" 90 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
         --models "$model" --variants reference --compiled-only

@@ -99,10 +99,16 @@ _TRITON_REFUSALS: dict[tuple[str, str, torch.dtype, str], str | None] = {}
 
 
 class MaskKind(enum.Enum):
-    """How a block's dropout mask is drawn and kept for backward."""
+    """How a block's dropout mask is drawn and kept for backward. Forward decides it (:func:`_mask_kind`) and runs
+    the autograd Function or operator of that kind, whose backward follows it: nothing is decided again there."""
 
     POSITIONS = "positions"  # the dropped positions (dropped_positions): a 1-d int64 tensor
     PHILOX = "philox"        # the Triton kernels' Philox mask: a 0-d int64 seed tensor on the input's device
+
+
+def _mask_kind(x: torch.Tensor) -> MaskKind:
+    """The mask a block on ``x`` draws: Philox where the Triton path runs (:func:`_uses_triton`), else positions."""
+    return MaskKind.PHILOX if _uses_triton(x) else MaskKind.POSITIONS
 
 
 def set_cuda_path(path: str | None) -> None:
@@ -445,7 +451,7 @@ def _backward_kernel(
 
 
 def _div(t: torch.Tensor | None, divisor: float, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.div_(divisor).to(dtype)
+    return None if t is None else _to(t.div_(divisor), dtype)
 
 
 def _scaled_affine(weight: torch.Tensor, bias: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -656,8 +662,11 @@ def _layer_backward(call: LayerCall, grad: torch.Tensor, y: torch.Tensor, weight
     """Gradients for ``y``, ``weight`` and the bias of :func:`_layer_forward`, each in its tensor's dtype."""
     cast_y, cast_weight = _cast(y, amp), _cast(weight, amp)
     grad_y, grad_weight, grad_bias = call.backward(grad.to(cast_y.dtype), cast_y, cast_weight, has_bias, needs)
-    return (None if grad_y is None else grad_y.to(y.dtype), None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(weight.dtype))
+    return _to(grad_y, y.dtype), _to(grad_weight, weight.dtype), _to(grad_bias, weight.dtype)
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _layer_backward_kernel(
@@ -894,7 +903,7 @@ def batch_norm_dropout(
     through the operators, as often as autograd allows for small inputs, which run as native ops.
     """
     running = RunningStats(running_mean, running_var, momentum)
-    if _uses_triton(x):
+    if _mask_kind(x) is MaskKind.PHILOX:
         try:
             out, mean, var = _PhiloxBatchNormDropout.apply(x, weight, bias, _philox_seed(x), p, eps)
         except Exception as error:
@@ -953,7 +962,7 @@ def norm_dropout_layer(
     """
     running = RunningStats(norm.running_mean, norm.running_var, _count_batch(norm))
     amp = _autocast_dtype(x)
-    if _uses_triton(x):
+    if _mask_kind(x) is MaskKind.PHILOX:
         call_args = tuple(tuple(arg) if isinstance(arg, list) else arg for arg in _call_args(call))
         try:
             out, mean, var = _PhiloxNormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, _philox_seed(x),
