@@ -19,7 +19,8 @@
 #                        triton), then the compiled rows of the other models while the budget lasts
 #
 # Results: OUT/summary.md (the table for docs/performance.md with device, versions and the commit, then one line
-# per step) and OUT/gpu-check-logs.tar.gz (every command's log); two files, within the machine's 8.
+# per command, in the order they ran) and OUT/gpu-check-logs.tar.gz (every command's log); two files, within the
+# machine's 8.
 # Usage: benchmarks/gpu_check.sh [OUT, default: a new temporary folder]
 #        DRY_RUN=1 benchmarks/gpu_check.sh OUT   # on CPU, tiny sizes: checks the script itself, measures nothing
 set -uo pipefail
@@ -72,6 +73,7 @@ run() {
     local name="$1" limit=$(($2 * scale))
     shift 2
     local log="$logs/$name.log" left=$((step_deadline - SECONDS))
+    echo "$name" >>"$logs/order"
     ((left < limit)) && limit=$left
     if ((limit < 5)); then
         echo "not run: no time left" >"$logs/$name.status"
@@ -111,9 +113,9 @@ finish() {
         echo
         echo "| step | outcome |"
         echo "|---|---|"
-        for status in "$logs"/*.status; do
-            [[ -e "$status" ]] && echo "| $(basename "$status" .status) | $(cat "$status") |"
-        done
+        while read -r name; do
+            echo "| $name | $(cat "$logs/$name.status") |"
+        done <"$logs/order"
     } >>"$summary"
     tar -czf "$out/gpu-check-logs.tar.gz" -C "$work" logs
     rm -rf "$work"

@@ -18,6 +18,7 @@ backward stay torch's own kernels (``batch_norm_stats``, ``native_batch_norm_bac
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import triton
@@ -85,8 +86,9 @@ def _operator(name: str):
     return torch.library.custom_op(name, mutates_args=())
 
 
-def _launch(kernel: triton.JITFunction) -> triton.JITFunction:
-    return _WRAP(kernel) if _WRAP is not None else kernel
+def _launch(kernel: Any) -> Any:
+    """``kernel`` wrapped for tracing where torch can (a compiled kernel; older torch refuses the interpreter's)."""
+    return _WRAP(kernel) if _WRAP is not None and isinstance(kernel, triton.runtime.jit.JITFunction) else kernel
 
 
 def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
