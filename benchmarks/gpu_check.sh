@@ -5,23 +5,26 @@
 # own budget, and each command within a step a limit, both cut to what is left:
 #
 #   step         budget  what
-#   preflight      25 s  device and versions; the Triton self-check ("auto") per dtype and memory format
-#   smoke          90 s  the CUDA tests without torch.compile; `icrewrite finetune` of a small model on digits for
+#   preflight      20 s  device and versions; the Triton self-check ("auto") per dtype and memory format
+#   smoke          80 s  the CUDA tests without torch.compile; `icrewrite finetune` of a small model on digits for
 #                        one epoch (bf16 autocast, channels-last, ICREWRITE_CUDA_IC=auto); `export` of the
 #                        fine-tuned model; a one-seed, one-epoch `compare`
-#   eager rows    140 s  benchmarks/train_overhead.py at batch 128, 224x224, bf16 autocast, channels-last for
+#   eager         130 s  benchmarks/train_overhead.py at batch 128, 224x224, bf16 autocast, channels-last for
 #                        resnet50, efficientnet_b0 and vit_small_patch16_224: one process per model and IC
 #                        variant (the original against "IC reference", the BatchNorm and Dropout modules, or
 #                        against "IC (triton)", the Triton kernels), so that a crash is a row with its exit code
 #                        and last line
-#   compiled      210 s  the same rows under torch.compile, resnet50 first (its reference, then Triton), then the
-#                        CUDA tests with torch.compile and CUDA graphs, `finetune --compile` (ICREWRITE_CUDA_IC=
-#                        triton), then the compiled rows of the other models while the budget lasts
+#   compiled      240 s  the CUDA tests with torch.compile and CUDA graphs; resnet50's rows under torch.compile
+#                        (reference, then Triton: Inductor's FX graph cache lets the second process reuse the
+#                        original's graph); `finetune --compile` (ICREWRITE_CUDA_IC=triton); then the compiled
+#                        rows of the other models while the budget lasts
 #
+# STEPS (default "smoke eager compiled") runs some of the steps, for a second, shorter run; preflight always runs.
 # Results: OUT/summary.md (the table for docs/performance.md with device, versions and the commit, then one line
 # per command, in the order they ran) and OUT/gpu-check-logs.tar.gz (every command's log); two files, within the
 # machine's 8.
 # Usage: benchmarks/gpu_check.sh [OUT, default: a new temporary folder]
+#        STEPS="eager" benchmarks/gpu_check.sh OUT
 #        DRY_RUN=1 benchmarks/gpu_check.sh OUT   # on CPU, tiny sizes: checks the script itself, measures nothing
 set -uo pipefail
 
@@ -57,9 +60,12 @@ deadline=$((SECONDS + ${BUDGET_S:-470} * scale))
 
 cd "$root" || exit 2
 
-# step NAME BUDGET_S: start a step; it ends at its budget or the overall deadline, whichever comes first.
+# step NAME BUDGET_S: start a step if STEPS names it (else fail); it ends at its budget or the overall deadline,
+# whichever comes first.
+steps=" ${STEPS:-smoke eager compiled} preflight "
 step_deadline=0
 step() {
+    [[ "$steps" == *" $1 "* ]] || return 1
     local budget=$(($2 * scale))
     step_deadline=$((SECONDS + budget))
     ((step_deadline > deadline)) && step_deadline=$deadline
@@ -126,7 +132,7 @@ finish() {
 }
 trap finish EXIT
 
-step preflight 25
+step preflight 20
 run preflight 20 "$python" - "$device" <<'PY'
 import importlib.util, platform, sys
 import torch
@@ -161,37 +167,41 @@ if [[ "$(cat "$logs/preflight.status")" != ok ]]; then
     exit 1
 fi
 
-step smoke 90
-run cuda-tests 30 "$python" -m pytest -q -p no:cacheprovider -m cuda -k "not compiled" tests/test_triton_ic.py
-run finetune 30 env ICREWRITE_CUDA_IC=auto "$python" -m icrewrite.cli finetune "${finetune[@]}" \
-    -o "$work/finetune"
-run export 20 "$python" -m icrewrite.cli export "$work/finetune/last.safetensors" -o "$work/model.onnx"
-run compare 30 "$python" -m icrewrite.cli compare "${small[@]}" --variants baseline,ic --seeds 1 \
-    --timing-rounds 2 -o "$work/compare"
+if step smoke 80; then
+    run cuda-tests 30 "$python" -m pytest -q -p no:cacheprovider -m cuda -k "not compiled" tests/test_triton_ic.py
+    run finetune 30 env ICREWRITE_CUDA_IC=auto "$python" -m icrewrite.cli finetune "${finetune[@]}" \
+        -o "$work/finetune"
+    run export 20 "$python" -m icrewrite.cli export "$work/finetune/last.safetensors" -o "$work/model.onnx"
+    run compare 30 "$python" -m icrewrite.cli compare "${small[@]}" --variants baseline,ic --seeds 1 \
+        --timing-rounds 2 -o "$work/compare"
+fi
 
-step "eager rows" 140
-for model in "${models[@]}"; do
-    run "$model-eager-reference" 45 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
-        --models "$model" --variants reference
-    run "$model-eager-triton" 45 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
-        --models "$model" --variants fast --cuda-path triton
-done
+# rows MODE LIMIT_S MODEL...: per model, the original against the reference modules, then against the Triton
+# kernels, each pair in its own process.
+rows() {
+    local mode="$1" limit="$2"
+    shift 2
+    local flags=()
+    [[ "$mode" == compiled ]] && flags=(--compiled-only)
+    for model in "$@"; do
+        run "$model-$mode-reference" "$limit" "$python" benchmarks/train_overhead.py --device "$device" \
+            "${bench[@]}" "${flags[@]}" --models "$model" --variants reference
+        run "$model-$mode-triton" "$limit" "$python" benchmarks/train_overhead.py --device "$device" \
+            "${bench[@]}" "${flags[@]}" --models "$model" --variants fast --cuda-path triton
+    done
+}
 
-step compiled 210
-first="${models[0]}"
-run "$first-compiled-reference" 100 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
-    --models "$first" --variants reference --compiled-only
-run "$first-compiled-triton" 80 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
-    --models "$first" --variants fast --cuda-path triton --compiled-only
-run cuda-tests-compiled 60 "$python" -m pytest -q -p no:cacheprovider -m cuda -k compiled tests/test_triton_ic.py
-run finetune-compiled 60 env ICREWRITE_CUDA_IC=triton "$python" -m icrewrite.cli finetune "${finetune[@]}" \
-    --compile -o "$work/finetune-compiled"
-for model in "${models[@]:1}"; do
-    run "$model-compiled-reference" 90 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
-        --models "$model" --variants reference --compiled-only
-    run "$model-compiled-triton" 80 "$python" benchmarks/train_overhead.py --device "$device" "${bench[@]}" \
-        --models "$model" --variants fast --cuda-path triton --compiled-only
-done
+if step eager 130; then
+    rows eager 40 "${models[@]}"
+fi
+
+if step compiled 240; then
+    run cuda-tests-compiled 60 "$python" -m pytest -q -p no:cacheprovider -m cuda -k compiled tests/test_triton_ic.py
+    rows compiled 110 "${models[0]}"
+    run finetune-compiled 60 env ICREWRITE_CUDA_IC=triton "$python" -m icrewrite.cli finetune "${finetune[@]}" \
+        --compile -o "$work/finetune-compiled"
+    rows compiled 90 "${models[@]:1}"
+fi
 
 {
     echo
