@@ -163,9 +163,9 @@ class IC(nn.Module):
 class ICWeightLayer(nn.Module):
     """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer.
 
-    In CPU training (and CUDA training with Triton) a plain convolution or ``Linear`` and its IC block run as one
-    operator (:func:`icrewrite.layers.fast.norm_dropout_layer`): the same values, statistics and
-    gradients, but backward rebuilds the IC output instead of keeping it.
+    In CPU training (and CUDA training on the Triton path) a plain convolution or ``Linear`` and its
+    IC block run as one operator (:func:`icrewrite.layers.fast.norm_dropout_layer`): the same values,
+    statistics and gradients, but backward rebuilds the IC output instead of keeping it.
     """
 
     ic: IC
