@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import timm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,3 +104,25 @@ def test_a_converted_timm_model_trains_a_step_with_a_batch_of_one(name):
     for a, b in zip(running_state(head.ic), before, strict=True):
         assert torch.equal(a, b)
     assert all(torch.isfinite(p).all() for p in converted.parameters())
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.integers(0, 3), features=st.integers(1, 5), spatial=st.lists(st.integers(1, 3), max_size=2),
+       tokens=st.booleans(), fast=st.booleans())
+def test_any_batch_trains_and_touches_the_statistics_only_with_two_values_per_feature(
+        batch, features, spatial, tokens, fast):
+    """Whatever the batch (empty, one sample, one value per feature or more), a training step runs; the running
+    statistics move exactly when every feature has at least two values."""
+    feature_dim = -1 if tokens else 1
+    shape = (batch, *spatial, features) if tokens else (batch, features, *spatial)
+    ic = randomize_norms(IC(features, P, feature_dim=feature_dim), seed=1).train()
+    ic.fast = fast
+    before = running_state(ic)
+    x = torch.randn(shape, requires_grad=True)
+    y = ic(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    values_per_feature = x.numel() // features
+    moved = [not torch.equal(a, b) for a, b in zip(running_state(ic), before, strict=True)]
+    assert moved == [values_per_feature >= 2] * 3
