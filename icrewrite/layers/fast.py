@@ -229,7 +229,6 @@ def _self_check(device: torch.device, dtype: torch.dtype, layout: str) -> str | 
         return refusal
     try:
         with _rng_kept(device), torch.no_grad():
-            torch.manual_seed(0)
             return _compare_with_reference(device, dtype, layout)
     except Exception as error:  # noqa: BLE001 (any failure of the kernels means the reference)
         return f"the Triton self-check failed ({_one_line(error)})"
@@ -237,12 +236,13 @@ def _self_check(device: torch.device, dtype: torch.dtype, layout: str) -> str | 
 
 def _compare_with_reference(device: torch.device, dtype: torch.dtype, layout: str) -> str | None:
     features = 16
-    x = (torch.randn(8, features, 8, 8, device=device) * 2 + 1).to(dtype)
+    numbers = torch.Generator(device).manual_seed(0)  # the inputs; only the seeds come from the default generator
+    x = (torch.randn(8, features, 8, 8, device=device, generator=numbers) * 2 + 1).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     parameters_dtype = dtype if dtype == torch.float64 else torch.float32
-    weight = torch.rand(features, device=device, dtype=parameters_dtype) + 0.5
-    bias = torch.randn(features, device=device, dtype=parameters_dtype)
+    weight = torch.rand(features, device=device, dtype=parameters_dtype, generator=numbers) + 0.5
+    bias = torch.randn(features, device=device, dtype=parameters_dtype, generator=numbers)
     running = [torch.zeros(features, device=device, dtype=parameters_dtype),
                torch.ones(features, device=device, dtype=parameters_dtype)]
     expected_running = [t.clone() for t in running]
@@ -251,7 +251,7 @@ def _compare_with_reference(device: torch.device, dtype: torch.dtype, layout: st
         seed = _philox_seed(x)
         out, mean, var = _PhiloxBatchNormDropout.apply(*inputs, seed, _CHECK_P, 1e-5)
         _update_running_stats(RunningStats(*running, 0.1), mean, var, x.numel() // features)
-        grad = torch.randn_like(out)
+        grad = torch.randn(out.shape, device=device, generator=numbers).to(out.dtype)
         compute = parameters_dtype
         got = torch.autograd.grad(out, inputs, grad)
         keep = (out != 0).to(compute)
