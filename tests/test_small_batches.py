@@ -126,3 +126,12 @@ def test_any_batch_trains_and_touches_the_statistics_only_with_two_values_per_fe
     values_per_feature = x.numel() // features
     moved = [not torch.equal(a, b) for a, b in zip(running_state(ic), before, strict=True)]
     assert moved == [values_per_feature >= 2] * 3
+
+
+def test_sync_batchnorm_keeps_its_own_statistics_across_processes():
+    """After convert_sync_batchnorm the block's statistics span every process: the choice is SyncBatchNorm's (here,
+    one process, it refuses one value per feature as BatchNorm does)."""
+    ic = nn.SyncBatchNorm.convert_sync_batchnorm(IC(4, P, feature_dim=-1)).train()
+    assert isinstance(ic.norm, nn.SyncBatchNorm)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ic(torch.randn(1, 4))

@@ -195,9 +195,10 @@ class ICWeightLayer(nn.Module):
 def _one_value_per_feature(norm: nn.Module, x: torch.Tensor, feature_dim: int) -> bool:
     """Whether a training-mode IC block gets at most one value per feature in ``x`` (a batch of one before a
     ``Linear``, an incomplete last batch, an empty one), where batch statistics are undefined: it then normalises
-    with the running statistics. Not for tracers (a symbolic shape decides nothing) or a BatchNorm without running
-    statistics."""
-    if isinstance(x, torch.fx.Proxy) or not isinstance(norm, _BatchNorm) or not norm.track_running_stats:
+    with the running statistics. Not for tracers (a symbolic shape decides nothing), a BatchNorm without running
+    statistics, or a SyncBatchNorm, whose statistics span every process (all of which must call it alike)."""
+    if (isinstance(x, torch.fx.Proxy) or not isinstance(norm, _BatchNorm) or isinstance(norm, nn.SyncBatchNorm)
+            or not norm.track_running_stats):
         return False
     return x.dim() >= 2 and x.numel() <= x.shape[feature_dim]
 
