@@ -72,8 +72,8 @@ step() {
     echo "== $1 (budget ${budget} s, $((deadline - SECONDS)) s left in all)"
 }
 
-# run NAME LIMIT_S COMMAND...: COMMAND with its output shown and kept in logs/NAME.log, stopped after LIMIT_S
-# seconds or at the end of the step. Writes the outcome to logs/NAME.status ("ok", "exit N: LAST LINE",
+# run NAME LIMIT_S COMMAND...: COMMAND with its output kept in logs/NAME.log, stopped after LIMIT_S seconds or at
+# the end of the step. Writes the outcome to logs/NAME.status ("ok", "exit N: LAST LINE",
 # "timed out after N s: LAST LINE" or "not run: no time left") and returns the command's exit status.
 run() {
     local name="$1" limit=$(($2 * scale))
