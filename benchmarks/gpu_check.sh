@@ -179,7 +179,7 @@ fi
 # rows MODE LIMIT_S MODEL...: per model, the original against the reference modules, then against the Triton
 # kernels, each pair in its own process.
 rows() {
-    local mode="$1" limit="$2"
+    local mode="$1" limit="$2" model
     shift 2
     local flags=()
     [[ "$mode" == compiled ]] && flags=(--compiled-only)
