@@ -3,8 +3,9 @@
 For each model: a timm model (random weights) and its ``icrewrite.convert`` conversion,
 trained with the same step (forward, cross-entropy, backward, SGD with momentum) on the
 same random batch. Three variants: ``original``, ``IC`` (the fast IC path of
-``icrewrite.layers.fast``, the default) and ``IC reference`` (``IC.fast = False``: the
-BatchNorm + Dropout modules, which ``torch.compile`` traces and Inductor fuses). With
+``icrewrite.layers.fast``, the default; on CUDA labelled with the CUDA path in force,
+``--cuda-path``) and ``IC reference`` (``IC.fast = False``: the BatchNorm + Dropout modules,
+which ``torch.compile`` traces and Inductor fuses); ``--variants`` keeps some of them. With
 ``--compile`` each variant is also timed wrapped in ``torch.compile``. With ``--floors``, three
 models that are not IC networks bound the cost from below: the conversion with its IC
 blocks without dropout (training-mode BatchNorm: what any IC block does before it draws and
@@ -33,6 +34,7 @@ tensors), how far a step raises the resident set (``VmHWM``, reset before the st
     python benchmarks/train_overhead.py --models resnet50 --floors  # with the floors of the IC cost
     python benchmarks/train_overhead.py --quick               # a tiny smoke run
     python benchmarks/train_overhead.py --models resnet50 --batch 128 --size 224 --amp bf16 --channels-last --compile
+    python benchmarks/train_overhead.py --device cuda --models resnet50 --variants fast --cuda-path triton
     python benchmarks/train_overhead.py --models demo --size 32 --batch 64 --threads 2  # the demo's model
     python benchmarks/train_overhead.py --models mobilenetv3_small_100 --size 64 --batch 32 --threads 2
 """
@@ -59,6 +61,7 @@ from torch import nn
 
 import icrewrite
 from icrewrite.layers import IC
+from icrewrite.layers import fast as fast_ic
 from icrewrite.train.demo import FULL as DEMO
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
@@ -116,17 +119,28 @@ def with_ic_blocks(model: nn.Module, role: str) -> nn.Module:
     return model
 
 
+def fast_label(device: torch.device) -> str:
+    """The label of the fast-path variant: on CUDA it names the CUDA path in force (``fast.cuda_path``)."""
+    return f"IC ({fast_ic.cuda_path()})" if device.type == "cuda" else "IC"
+
+
 def variants(name: str, size: int, device: torch.device, compiled: bool, floors: bool = False,
-             amp: torch.dtype | None = None, channels_last: bool = False) -> dict[str, Variant]:
+             amp: torch.dtype | None = None, channels_last: bool = False,
+             only: list[str] | None = None) -> dict[str, Variant]:
     """The original model, its IC conversion (fast path) and the IC reference path; with ``floors``
     also the conversion with its IC blocks without dropout, in eval mode and removed (see :func:`with_ic_blocks`).
-    Trained under autocast to ``amp`` where given, in channels-last memory format with ``channels_last``."""
+    Trained under autocast to ``amp`` where given, in channels-last memory format with ``channels_last``.
+    ``only`` keeps the original and the variants it names (``fast`` for the fast path, ``reference``)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     original = create(name, size).to(device, memory_format=memory_format).train()
     converted = icrewrite.convert(original)
-    models = {BASELINE: original, "IC": converted,
-              "IC reference": with_ic_blocks(copy.deepcopy(converted), "reference")}
+    wanted = set(only or ("fast", "reference"))
+    models = {BASELINE: original}
+    if "fast" in wanted:
+        models[fast_label(device)] = converted
+    if "reference" in wanted:
+        models["IC reference"] = with_ic_blocks(copy.deepcopy(converted), "reference")
     if floors:
         models["floor: IC blocks without dropout"] = with_ic_blocks(copy.deepcopy(converted), "no dropout")
         models["floor: IC blocks in eval mode"] = with_ic_blocks(copy.deepcopy(converted), "eval")
@@ -250,7 +264,8 @@ class Measured:
 
 def measure(name: str, args: argparse.Namespace, device: torch.device, compiled: bool) -> Measured:
     """Times and memory of the variants of one model in one mode (eager or compiled)."""
-    runs = variants(name, args.size, device, compiled, args.floors, AMP.get(args.amp), args.channels_last)
+    runs = variants(name, args.size, device, compiled, args.floors, AMP.get(args.amp), args.channels_last,
+                    args.variants)
     x, y = sample_batch(args, runs, device)
     times = time_interleaved(runs, x, y, args.rounds, args.warmup)
     saved = {label: saved_bytes(run, x, y) for label, run in runs.items()}
@@ -267,7 +282,7 @@ def measure_resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]
     peaks = {}
     for name in args.models:
         runs = variants(name, args.size, torch.device("cpu"), compiled=False, floors=args.floors,
-                        amp=AMP.get(args.amp), channels_last=args.channels_last)
+                        amp=AMP.get(args.amp), channels_last=args.channels_last, only=args.variants)
         x, y = sample_batch(args, runs, torch.device("cpu"))
         for run in runs.values():
             run.step(x, y)  # momentum buffers exist from here on
@@ -281,7 +296,8 @@ def resident_peaks(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     """:func:`measure_resident_peaks` in a fresh process (``--resident-peaks``), which has the allocator to itself."""
     command = [sys.executable, __file__, "--resident-peaks", "--models", *args.models, "--batch", str(args.batch),
                "--size", str(args.size), "--threads", str(args.threads), *(["--floors"] if args.floors else []),
-               *(["--amp", args.amp] if args.amp else []), *(["--channels-last"] if args.channels_last else [])]
+               *(["--amp", args.amp] if args.amp else []), *(["--channels-last"] if args.channels_last else []),
+               *(["--variants", *args.variants] if args.variants else [])]
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
@@ -322,12 +338,20 @@ def main(argv: list[str] | None = None) -> None:
                              "what any IC implementation costs at least, and what the other edits cost")
     parser.add_argument("--amp", choices=sorted(AMP), help="train under autocast to this dtype")
     parser.add_argument("--channels-last", action="store_true", help="model and batch in channels-last memory format")
+    parser.add_argument("--variants", nargs="+", choices=("fast", "reference"),
+                        help="IC variants to time against the original (default both): 'fast' (the fast path; on CUDA "
+                             "the CUDA path in force) and 'reference' (the BatchNorm and Dropout modules)")
+    parser.add_argument("--cuda-path", choices=fast_ic.CUDA_PATHS,
+                        help="what IC blocks run on CUDA (icrewrite.layers.fast.set_cuda_path; default: "
+                             "ICREWRITE_CUDA_IC, else the reference)")
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2 at 32x32, two rounds: checks the script runs")
     parser.add_argument("--resident-peaks", action="store_true", help=argparse.SUPPRESS)  # the child of resident_peaks
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch, args.size, args.rounds, args.warmup = ["resnet18"], 2, 32, 2, 1
     torch.set_num_threads(args.threads)
+    if args.cuda_path:
+        fast_ic.set_cuda_path(args.cuda_path)
     if args.resident_peaks:
         print(json.dumps(measure_resident_peaks(args)))
         return
@@ -339,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{hardware} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {args.threads} thread(s); "
           f"train step (forward, backward, SGD) batch {args.batch} at {args.size}x{args.size}"
           f"{f', {args.amp} autocast' if args.amp else ''}{', channels-last' if args.channels_last else ''}; "
-          f"{args.rounds} rounds, median of paired per-round ratios")
+          f"{args.rounds} rounds, median of paired per-round ratios"
+          f"{f'; CUDA path {fast_ic.cuda_path()}' if device.type == 'cuda' else ''}")
     modes = (True,) if args.compiled_only else (False, True) if args.compile else (False,)
     results = {(name, compiled): measure(name, args, device, compiled) for name in args.models for compiled in modes}
     if device.type == "cpu" and not args.compiled_only:

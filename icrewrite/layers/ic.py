@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -71,10 +72,17 @@ class IC(nn.Module):
         eps, momentum: as in ``nn.BatchNorm2d``.
 
     In eval mode it is the per-feature affine map returned by :meth:`affine`. In CPU
-    training, and in CUDA training with Triton, it runs the fused path of
-    :mod:`icrewrite.layers.fast` where that applies (same values, running statistics and
-    gradients; a cheaper mask); set ``fast = False`` on an instance or on the class for the
-    reference ``Dropout(BatchNorm(x))`` modules.
+    training, and in CUDA training where the CUDA path chooses the Triton kernels
+    (:func:`icrewrite.layers.fast.set_cuda_path`; the default on CUDA is the reference), it
+    runs the fused path of :mod:`icrewrite.layers.fast` where that applies (same values,
+    running statistics and gradients; a cheaper mask); set ``fast = False`` on an instance or
+    on the class for the reference ``Dropout(BatchNorm(x))`` modules.
+
+    In training, a batch with at most one value per feature (a batch of one before a
+    ``Linear``, such as an incomplete last batch reaching the classifier) has no batch
+    statistics: BatchNorm would raise. The block then normalises with its running
+    statistics, leaves them (and ``num_batches_tracked``) unchanged, and still applies
+    dropout, so such a batch trains the rest of the model as the original would.
     """
 
     fast: bool = True
@@ -107,6 +115,8 @@ class IC(nn.Module):
         return self.drop.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm.training and _one_value_per_feature(self.norm, x, self.feature_dim):
+            return self.drop(self._by_running_stats(x))
         if self.fast and fast_ic.applies(self.norm, self.drop, x, self.feature_dim):
             y = fast_ic.norm_dropout(self.norm, self.p, self._features(x))
             return y if self.feature_dim == 1 else y.view(x.shape)
@@ -115,6 +125,13 @@ class IC(nn.Module):
         else:
             x = self.norm(x.flatten(0, -2)).reshape(x.shape)
         return self.drop(x)
+
+    def _by_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised by the running statistics, which stay as they are (BatchNorm's eval-mode map)."""
+        norm = self.norm
+        y = F.batch_norm(self._features(x), norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0,
+                         norm.eps)
+        return y if self.feature_dim == 1 else y.view(x.shape)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the features along dim 1, as BatchNorm takes it: Linear inputs ``(*, C)`` flattened to ``(M, C)``."""
@@ -146,9 +163,9 @@ class IC(nn.Module):
 class ICWeightLayer(nn.Module):
     """Mixin of the ``IC<Base>`` classes: apply ``self.ic`` to the input, then the base layer.
 
-    In CPU training (and CUDA training with Triton) a plain convolution or ``Linear`` and its IC block run as one
-    operator (:func:`icrewrite.layers.fast.norm_dropout_layer`): the same values, statistics and
-    gradients, but backward rebuilds the IC output instead of keeping it.
+    In CPU training (and CUDA training on the Triton path) a plain convolution or ``Linear`` and its
+    IC block run as one operator (:func:`icrewrite.layers.fast.norm_dropout_layer`): the same values,
+    statistics and gradients, but backward rebuilds the IC output instead of keeping it.
     """
 
     ic: IC
@@ -173,6 +190,17 @@ class ICWeightLayer(nn.Module):
         # deepcopy find the dynamically created class in a fresh process.
         reduced = super().__reduce_ex__(protocol)
         return (_new_ic_layer, (ic_base(type(self)),)) + tuple(reduced[2:])
+
+
+def _one_value_per_feature(norm: nn.Module, x: torch.Tensor, feature_dim: int) -> bool:
+    """Whether a training-mode IC block gets at most one value per feature in ``x`` (a batch of one before a
+    ``Linear``, an incomplete last batch, an empty one), where batch statistics are undefined: it then normalises
+    with the running statistics. Not for tracers (a symbolic shape decides nothing), a BatchNorm without running
+    statistics, or a SyncBatchNorm, whose statistics span every process (all of which must call it alike)."""
+    if (isinstance(x, torch.fx.Proxy) or not isinstance(norm, _BatchNorm) or isinstance(norm, nn.SyncBatchNorm)
+            or not norm.track_running_stats):
+        return False
+    return x.dim() >= 2 and x.numel() <= x.shape[feature_dim]
 
 
 def ic_base(cls: type[nn.Module]) -> type[nn.Module]:
