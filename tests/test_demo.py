@@ -12,7 +12,7 @@ import torch
 
 import icrewrite
 from icrewrite.train.data import DigitsDataset
-from icrewrite.train.demo import QUICK, run_demo
+from icrewrite.apps.demo import QUICK, run_demo
 from icrewrite.errors import ICRewriteError
 from icrewrite.layers import ICWeightLayer
 

@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.demo import FULL, QUICK, run_demo  # heavy: loaded only when the command runs
+    from ..apps.demo import FULL, QUICK, run_demo  # heavy: loaded only when the command runs
 
     result = run_demo(args.out, QUICK if args.quick else FULL, progress=args.progress, log=progress)
     print(result.comparison.table())

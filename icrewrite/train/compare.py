@@ -43,7 +43,7 @@ from ..errors import ICRewriteError
 from ..files import atomic_path
 from ..rewrite import Options, convert
 from .loop import finetune, is_primary, joined_world, time_steps
-from .plot import plot_mean_std
+from ..plot import plot_mean_std
 from .significance import CONFIDENCE, Difference, Interval, epochs_to, median_ratio, paired_difference, t_interval
 
 __all__ = ["BASELINE", "Comparison", "ComparisonError", "Variant", "check_out_dir", "compare", "parse_variants"]

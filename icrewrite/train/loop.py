@@ -53,7 +53,7 @@ from ..checkpoint import save as save_model
 from ..errors import LossNotFinite, TrainingError, require
 from ..files import atomic_path
 from .data import resumable_loader
-from .plot import plot_history
+from ..plot import plot_history
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "joined_world", "time_steps"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..checkpoint import create_timm_model, load
 from ..deploy import ExportReport, export_onnx
-from .compare import Comparison, Log, compare
-from .data import digits_loaders
+from ..train.compare import Comparison, Log, compare
+from ..train.data import digits_loaders
 
 __all__ = ["DemoConfig", "DemoResult", "FULL", "QUICK", "run_demo"]
 
