@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, Subset
 import icrewrite
 import icrewrite.train.compare as compare_module
 from icrewrite.checkpoint import create_timm_model
-from icrewrite.train.compare import ComparisonError, compare, parse_variant, parse_variants
+from icrewrite.train.compare import Comparison, ComparisonError, compare, parse_variant, parse_variants
 from icrewrite.train.data import DigitsDataset
-from icrewrite.train.significance import (epochs_to, median_ratio, paired_difference, seeds_needed, t_interval)
+from icrewrite.train.significance import (epochs_to, holm, median_ratio, paired_difference, seeds_needed,
+                                         t_interval)
 from test_data import write_digits_folder
 from test_examples import subprocess_env
 
@@ -102,6 +103,62 @@ def test_step_ratio_and_epochs_to_target() -> None:
     assert epochs_to(history, 95.0) == 2
     assert epochs_to(history, 99.0) is None
     assert seeds_needed(0.0, 1.0) is None
+
+
+def test_holm_steps_down_and_counts_seeds_at_the_family_level() -> None:
+    rng = np.random.default_rng(1)
+    strong = [b + 2.0 + e for b, e in zip(BASE, rng.normal(0, 0.1, 5))]  # p far below 0.05 / 3
+    weak = [98.0, 97.9, 98.9, 97.1, 98.5]  # p about 0.34
+    marginal = [b + d for b, d in zip(BASE, [0.1, 0.5, 0.05, 0.6, 0.3])]  # p about 0.045
+    alone = paired_difference(marginal, BASE)
+    tests = {"strong": paired_difference(strong, BASE), "weak": paired_difference(weak, BASE), "marginal": alone}
+    p = {k: d.p_value for k, d in tests.items()}
+    assert p["strong"] < 0.05 / 3 and 0.05 / 2 < p["marginal"] < 0.05 and p["weak"] > 0.05  # the case we mean
+    assert alone.verdict == "better"  # alone, its 95% interval excludes 0 ...
+    decided = holm(tests)
+    assert decided["strong"].verdict == "better"
+    assert decided["marginal"].verdict == "not resolved at 5 seeds"  # ... in a family of 3 it needs p <= 0.05 / 2
+    assert decided["marginal"].interval == alone.interval  # the interval stays per comparison
+    # its seeds are counted at level 0.05 / 3: the smallest n whose (1 - 0.05/3) interval would exclude 0
+    n, sd, mean = decided["marginal"].seeds_needed, decided["marginal"].sd, decided["marginal"].interval.mean
+    assert stats.t.ppf(1 - 0.05 / 6, n - 1) * sd / math.sqrt(n) < abs(mean) <= \
+        stats.t.ppf(1 - 0.05 / 6, n - 2) * sd / math.sqrt(n - 1)
+    assert p["strong"] == pytest.approx(stats.ttest_rel(strong, BASE).pvalue)
+    assert holm({"one": alone})["one"] == alone  # a family of one is the single test
+
+
+def _null_comparison(rng: np.random.Generator, variants: int, seeds: int) -> Comparison:
+    """Final accuracy, NLL, ECE, Brier and their MC-dropout versions per seed, every variant drawn like the
+    baseline: a per-seed effect that every variant shares (pairing) plus noise of its own."""
+    keys = ["nll", "ece", "brier", "mc_top1", "mc_nll", "mc_ece", "mc_brier", "mc_entropy", "mc_mutual_information"]
+    names = ["baseline", *(f"ic:p=0.{k + 1}" for k in range(variants))]
+    seed_effect = rng.normal(0, 1, (seeds, len(keys) + 1))
+    histories, evaluations = {}, {}
+    for name in names:
+        values = 50 + seed_effect + rng.normal(0, 0.5, seed_effect.shape)
+        histories[name] = [[{"epoch": 1, "val_acc": float(v[0]), "val_loss": 1.0}] for v in values]
+        evaluations[name] = [dict(zip(keys, map(float, v[1:]))) for v in values]
+    return Comparison(Path("unused"), names, histories, {n: [[1.0]] * seeds for n in names}, 95.0, {},
+                      evaluations, mc_samples=2)
+
+
+@pytest.mark.parametrize("draws", [1000, pytest.param(10_000, marks=pytest.mark.slow)])
+def test_comparisons_where_no_variant_differs_call_a_difference_at_most_5_percent_of_the_time(draws: int) -> None:
+    """3 IC variants x 8 tested metrics = 24 paired tests per comparison, at 3 seeds, ``draws`` comparisons under
+    the null. Holm's procedure bounds the share with any better/worse verdict by 5%; the bound on the observed
+    share adds 3 binomial standard deviations of ``draws`` at 5% (2.1 points for 1,000, 0.65 for 10,000).
+    Without the family control (each test at 95% alone) the share is far above it (about 2/3), so the
+    simulation can tell the two apart."""
+    rng = np.random.default_rng(20261207)
+    any_called = any_called_alone = 0
+    for _ in range(draws):
+        comparison = _null_comparison(rng, variants=3, seeds=3)
+        assert comparison.family_size == 24
+        tests = [d for s in comparison.summaries().values() for d in s.against_baseline.values()]
+        any_called += any(not d.verdict.startswith("not resolved") for d in tests)
+        any_called_alone += any(d.p_value <= 0.05 for d in tests)
+    assert any_called / draws <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / draws)
+    assert any_called_alone / draws > 0.3
 
 
 # -- variant specs ------------------------------------------------------------------------------
@@ -240,7 +297,7 @@ def test_cli_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     out = tmp_path / "cmp"
     command = ["compare", str(model), "--data", str(data), "--img-size", "16", "--batch-size", "8", "--epochs", "1",
                "--workers", "0", "--seeds", "2", "--timing-rounds", "2", "--variants", "baseline,ic:p=0.1", "--no-progress",
-               "-o", str(out)]
+               "--mc-samples", "2", "-o", str(out)]
     assert main(command) == 0
     stdout = capsys.readouterr().out
     assert "ic:p=0.1 against baseline, final test accuracy (points): " in stdout
@@ -249,7 +306,12 @@ def test_cli_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert [len(h) for h in summary["runs"]["ic:p=0.1"]] == [1, 1]
     assert summary["summary"]["ic:p=0.1"]["step_ratio"]["n"] == 2
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
-    assert "| ic:p=0.1 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| ic:p=0.1 |" in report and "| variant | MC acc (%) | MC NLL |" in report
+    assert "Holm's step-down over the 8 paired tests (1 variant(s) x 8 metrics)" in report
+    evaluation = summary["evaluations"]["ic:p=0.1"][1]
+    assert {"nll", "ece", "brier", "mc_nll", "mc_ece", "mc_brier", "mc_mutual_information"} <= set(evaluation)
+    assert evaluation["mc_mutual_information"] > 0 and summary["evaluations"]["baseline"][0]["mc_mutual_information"] == 0
     for seed in range(2):
         assert (out / f"seed-{seed}" / "ic-p0.1" / "last.safetensors").is_file()
 

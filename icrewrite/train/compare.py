@@ -44,7 +44,9 @@ from ..files import atomic_path
 from ..rewrite import Options, convert
 from .loop import finetune, is_primary, joined_world, time_steps
 from ..plot import plot_mean_std
-from .significance import CONFIDENCE, Difference, Interval, epochs_to, median_ratio, paired_difference, t_interval
+from .significance import (CONFIDENCE, Difference, Interval, epochs_to, holm, median_ratio, paired_difference,
+                           t_interval)
+from .validate import validate
 
 __all__ = ["BASELINE", "Comparison", "ComparisonError", "Variant", "check_out_dir", "compare", "parse_variants"]
 
@@ -139,13 +141,64 @@ def parse_variants(specs: str | Sequence[str]) -> list[Variant]:
     return sorted(variants, key=lambda v: v.spec != BASELINE)
 
 
+Evaluation = dict[str, float]  # a run's final model on the test data: what :func:`evaluate` returns
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A figure of a run: how the report names it, which way is better (None: descriptive, not
+    tested against the baseline) and how to read it from the run's history and evaluation."""
+
+    name: str
+    column: str
+    higher_is_better: bool | None
+    digits: int
+    key: str  # in the evaluation; "val_acc" and "best_val_acc" come from the history
+
+    def value(self, history: History, evaluation: Evaluation) -> float:
+        if self.key == "val_acc":
+            return history[-1]["val_acc"]
+        if self.key == "best_val_acc":
+            return max(r["val_acc"] for r in history)
+        return (100.0 if self.key.endswith("ece") else 1.0) * evaluation[self.key]
+
+
+METRICS = (
+    Metric("final test accuracy (points)", "final test acc (%)", True, 2, "val_acc"),
+    # chosen on the test data, so optimistic: shown, not tested
+    Metric("best test accuracy (points)", "best test acc (%)", None, 2, "best_val_acc"),
+    Metric("NLL", "NLL", False, 4, "nll"),
+    Metric("ECE (points)", "ECE (%)", False, 2, "ece"),
+    Metric("Brier score", "Brier", False, 4, "brier"),
+)
+MC_METRICS = (
+    Metric("MC-dropout test accuracy (points)", "MC acc (%)", True, 2, "mc_top1"),
+    Metric("MC-dropout NLL", "MC NLL", False, 4, "mc_nll"),
+    Metric("MC-dropout ECE (points)", "MC ECE (%)", False, 2, "mc_ece"),
+    Metric("MC-dropout Brier score", "MC Brier", False, 4, "mc_brier"),
+    Metric("MC-dropout predictive entropy (nats)", "MC entropy", None, 4, "mc_entropy"),
+    Metric("MC-dropout mutual information (nats)", "MC MI", None, 4, "mc_mutual_information"),
+)
+PRIMARY = METRICS[0]
+
+
+def evaluate(model: nn.Module, val_loader: DataLoader, mc_samples: int, seed: int) -> Evaluation:
+    """NLL, ECE and Brier score of ``model`` on ``val_loader`` (:func:`.validate.validate`), and with
+    ``mc_samples`` the same of the MC-dropout mean plus its accuracy, entropy and mutual information."""
+    result = validate(model, val_loader, mc_samples=mc_samples, seed=seed)
+    figures = {key: getattr(result.deterministic, key) for key in ("top1", "nll", "ece", "brier")}
+    if result.mc is not None:
+        figures.update({f"mc_{key}": getattr(result.mc, key)
+                        for key in ("top1", "nll", "ece", "brier", "entropy", "mutual_information")})
+    return figures
+
+
 @dataclass(frozen=True)
 class Summary:
-    """A variant's figures over seeds; ``against_baseline`` is empty for the baseline."""
+    """A variant's figures over seeds (metric name -> interval); ``against_baseline`` (tested metrics
+    only, with the family's verdicts) is empty for the baseline."""
 
-    final_acc: Interval
-    best_acc: Interval
-    final_loss: Interval
+    figures: dict[str, Interval]
     epochs_to_target: Interval | None  # over the runs that reached the target; None if none did
     reached: int
     step_ratio: Interval
@@ -154,7 +207,12 @@ class Summary:
 
 @dataclass
 class Comparison:
-    """Every run's per-epoch records and timing rounds, by variant and seed, and what they show."""
+    """Every run's per-epoch records, final evaluation and timing rounds, by variant and seed, and what they show.
+
+    The verdicts against the baseline form one family of paired tests (every IC variant on
+    every tested metric), decided by Holm's step-down procedure (:func:`.significance.holm`):
+    the chance that any of them calls a difference that is noise is at most 5 %.
+    """
 
     out_dir: Path
     variants: list[str]
@@ -162,93 +220,138 @@ class Comparison:
     step_seconds: dict[str, list[list[float]]]  # variant -> per seed, seconds per step of each timing round
     target: float
     settings: dict[str, Any]
+    evaluations: dict[str, list[Evaluation]] = field(default_factory=dict)  # variant -> per seed
+    mc_samples: int = 0
 
     @property
     def seeds(self) -> int:
         return len(self.histories[BASELINE])
 
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return METRICS + (MC_METRICS if self.mc_samples else ())
+
+    @property
+    def tested(self) -> tuple[Metric, ...]:
+        return tuple(m for m in self.metrics if m.higher_is_better is not None)
+
+    @property
+    def family_size(self) -> int:
+        """The number of paired tests whose verdicts are decided together."""
+        return (len(self.variants) - 1) * len(self.tested)
+
     def run_dir(self, variant: str, seed: int) -> Path:
         return self.out_dir / f"seed-{seed}" / parse_variant(variant).folder
 
+    def _per_seed(self, variant: str, metric: Metric) -> list[float]:
+        return [metric.value(h, e) for h, e in zip(self.histories[variant], self.evaluations[variant])]
+
     def summaries(self) -> dict[str, Summary]:
-        return {variant: self._summary(variant) for variant in self.variants}
-
-    def _per_seed(self, variant: str) -> dict[str, list[float]]:
-        histories = self.histories[variant]
-        return {"final test accuracy (points)": [h[-1]["val_acc"] for h in histories],
-                "best test accuracy (points)": [max(r["val_acc"] for r in h) for h in histories],
-                "final test loss": [h[-1]["val_loss"] for h in histories]}
-
-    def _summary(self, variant: str) -> Summary:
-        reached = [e for e in (epochs_to(h, self.target) for h in self.histories[variant]) if e is not None]
-        ratios = [median_ratio(s, b) for s, b in zip(self.step_seconds[variant], self.step_seconds[BASELINE])]
-        final_acc, best_acc, final_loss = (t_interval(v) for v in self._per_seed(variant).values())
-        against = {} if variant == BASELINE else {
-            metric: paired_difference(values, base, higher_is_better="loss" not in metric)
-            for (metric, values), base in zip(self._per_seed(variant).items(), self._per_seed(BASELINE).values())}
-        return Summary(final_acc, best_acc, final_loss, t_interval(reached) if reached else None, len(reached),
-                       t_interval(ratios), against)
+        differences = holm({(variant, metric.name): paired_difference(
+                                self._per_seed(variant, metric), self._per_seed(BASELINE, metric),
+                                higher_is_better=metric.higher_is_better)
+                            for variant in self.variants if variant != BASELINE for metric in self.tested})
+        summaries = {}
+        for variant in self.variants:
+            reached = [e for e in (epochs_to(h, self.target) for h in self.histories[variant]) if e is not None]
+            ratios = [median_ratio(s, b) for s, b in zip(self.step_seconds[variant], self.step_seconds[BASELINE])]
+            summaries[variant] = Summary(
+                {m.name: t_interval(self._per_seed(variant, m)) for m in self.metrics},
+                t_interval(reached) if reached else None, len(reached), t_interval(ratios),
+                {name: d for (v, name), d in differences.items() if v == variant})
+        return summaries
 
     def verdicts(self) -> dict[str, str]:
-        """Per IC variant, its final test accuracy against the baseline's in one sentence."""
-        return {variant: f"{variant} against {BASELINE}, final test accuracy (points): "
-                         f"{s.against_baseline['final test accuracy (points)'].explain()}"
-                for variant, s in self.summaries().items() if variant != BASELINE}
+        """Per IC variant, one sentence: its final test accuracy against the baseline's, then the
+        other tested metrics it is better or worse on (all verdicts decided as one family)."""
+        verdicts = {}
+        for variant, s in self.summaries().items():
+            if variant == BASELINE:
+                continue
+            resolved = {verdict: [m.name for m in self.tested[1:] if s.against_baseline[m.name].verdict == verdict]
+                        for verdict in ("better", "worse")}
+            others = "; ".join(f"{verdict}: {', '.join(names)}" for verdict, names in resolved.items() if names)
+            verdicts[variant] = (f"{variant} against {BASELINE}, {PRIMARY.name}: "
+                                 f"{s.against_baseline[PRIMARY.name].explain(PRIMARY.digits)}; "
+                                 f"{others or 'no other tested metric resolved'}")
+        return verdicts
+
+    def family(self) -> str:
+        """What the verdicts control, in one sentence."""
+        return (f"Verdicts: Holm's step-down over the {self.family_size} paired tests ({len(self.variants) - 1} "
+                f"variant(s) x {len(self.tested)} metrics), family-wise error {1 - CONFIDENCE:.0%}; intervals are "
+                f"per comparison ({CONFIDENCE:.0%}).")
+
+    def _table(self, metrics: Sequence[Metric], extra: bool) -> list[str]:
+        n = self.seeds
+        header = [m.column for m in metrics] + ([f"epochs to {self.target:g}%", "step time / baseline"] if extra else [])
+        lines = ["| variant | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+        for variant, s in self.summaries().items():
+            cells = [s.figures[m.name].format(m.digits) for m in metrics]
+            if extra:
+                cells.append(f"{s.epochs_to_target.format(1)} ({s.reached}/{n} runs)" if s.epochs_to_target
+                             else f"never (0/{n} runs)")
+                cells.append("1 (reference)" if variant == BASELINE else s.step_ratio.format())
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        return lines
 
     def table(self) -> str:
-        """Per variant, its figures over seeds: a Markdown table."""
-        n = self.seeds
-        lines = [f"| variant | final test acc (%) | best test acc (%) | final test loss | epochs to {self.target:g}% "
-                 "| step time / baseline |", "|---|---|---|---|---|---|"]
-        for variant, s in self.summaries().items():
-            epochs = (f"{s.epochs_to_target.format(1)} ({s.reached}/{n} runs)" if s.epochs_to_target
-                      else f"never (0/{n} runs)")
-            ratio = "1 (reference)" if variant == BASELINE else s.step_ratio.format()
-            lines.append(f"| {variant} | {s.final_acc.format()} | {s.best_acc.format()} | "
-                         f"{s.final_loss.format(4)} | {epochs} | {ratio} |")
+        """Per variant, its figures over seeds: a Markdown table (and one for MC dropout when measured)."""
+        lines = self._table(METRICS, extra=True)
+        if self.mc_samples:
+            lines += ["", *self._table(MC_METRICS, extra=False)]
         return "\n".join(lines)
 
     def report(self) -> str:
         """The Markdown of ``report.md``."""
         summaries, n = self.summaries(), self.seeds
+        mc = (f" MC dropout: the mean of {self.mc_samples} passes over the test data with dropout active and "
+              "BatchNorm in eval mode, of the final model." if self.mc_samples else "")
         lines = [f"# {self.settings['title']}", "", self.settings["description"], "",
                  f"{n} seed(s) per variant, paired: per seed every variant starts from the same initial weights "
                  f"and sees the same data order and augmentation. Figures are means over seeds with their "
-                 f"{CONFIDENCE:.0%} t-interval [low, high]. Step time / baseline: per seed, the median over "
-                 f"{self.settings['timing_rounds']} interleaved rounds (every variant one step on the same batch "
-                 "per round) of the variant's step time over the baseline's in the same round; then its mean "
-                 "and interval over seeds.", "",
+                 f"{CONFIDENCE:.0%} t-interval [low, high]. NLL, ECE (15 equal-width confidence bins) and Brier "
+                 f"score are those of the final model on the test data.{mc} Step time / baseline: per seed, the "
+                 f"median over {self.settings['timing_rounds']} interleaved rounds (every variant one step on the "
+                 "same batch per round) of the variant's step time over the baseline's in the same round; then its "
+                 "mean and interval over seeds.", "",
                  self.table()]
-        metrics = list(self._per_seed(BASELINE))
-        lines += ["", f"Against the baseline: the paired difference (variant minus baseline, per seed), its "
-                      f"{CONFIDENCE:.0%} t-interval and the verdict (better or worse only when the interval "
-                      "excludes 0).", "",
-                  "| variant | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        tested = self.tested
+        lines += ["", f"Against the baseline: the paired difference (variant minus baseline, per seed) and its "
+                      f"{CONFIDENCE:.0%} t-interval. {self.family()} A difference is better or worse only when "
+                      "Holm's procedure rejects it, so an interval that excludes 0 can still be not resolved; the "
+                      "seeds a difference would need are counted at the level "
+                      f"{1 - CONFIDENCE:.0%} / {self.family_size}, at which a test is resolved whatever the others "
+                      "show. The best test accuracy is chosen on the test data and is not tested.", "",
+                  "| variant | " + " | ".join(m.name for m in tested) + " |", "|---|" + "---|" * len(tested)]
         for variant, s in summaries.items():
             if variant != BASELINE:
                 lines.append(f"| {variant} | " + " | ".join(
-                    s.against_baseline[m].explain(4 if "loss" in m else 2) for m in metrics) + " |")
+                    s.against_baseline[m.name].explain(m.digits) for m in tested) + " |")
         lines += ["", "Verdicts:", "", *(f"- {v}" for v in self.verdicts().values()), "",
                   "![test accuracy and loss](compare.png)", "",
-                  "Every run's per-epoch records are in `compare.json`; each run's files are in "
-                  "`seed-S/VARIANT/` (a `finetune` run)."]
+                  "Every run's per-epoch records and final evaluation are in `compare.json`; each run's files are "
+                  "in `seed-S/VARIANT/` (a `finetune` run)."]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
+        summary = {v: {**_plain(dataclasses.asdict(s)), "figures": {k: _plain(dataclasses.asdict(i))
+                                                                    for k, i in s.figures.items()}}
+                   for v, s in self.summaries().items()}
         return {"settings": self.settings, "variants": self.variants, "target": self.target,
-                "runs": self.histories, "step_seconds": self.step_seconds,
-                "summary": {v: _plain(dataclasses.asdict(s)) for v, s in self.summaries().items()}}
+                "mc_samples": self.mc_samples, "family": self.family(), "runs": self.histories,
+                "evaluations": self.evaluations, "step_seconds": self.step_seconds, "summary": summary}
 
     def write(self) -> None:
-        """``report.md``, ``compare.json`` and ``compare.png`` in ``out_dir``, each written atomically."""
+        """``report.md``, ``compare.json`` and ``compare.png`` in ``out_dir``, each written atomically (UTF-8)."""
         curves = {metric: {v: np.array([[r[key] for r in h] for h in hs]) for v, hs in self.histories.items()}
                   for metric, key in (("test accuracy (%), mean ± sd over seeds", "val_acc"),
                                       ("test loss, mean ± sd over seeds", "val_loss"))}
         plot_mean_std(curves, self.out_dir / "compare.png")
         with atomic_path(self.out_dir / "compare.json") as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            tmp.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
         with atomic_path(self.out_dir / "report.md") as tmp:
-            tmp.write_text(self.report())
+            tmp.write_text(self.report(), encoding="utf-8")
 
 
 def _plain(value: Any) -> Any:
@@ -276,13 +379,13 @@ def _step_seconds(models: dict[str, nn.Module], train_loader: DataLoader, path: 
                   options: dict[str, Any]) -> dict[str, list[float]]:
     """The timing rounds of one seed: read back from ``path`` on resume, else measured (and saved)."""
     if resume and path.exists():
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
         if set(saved) == set(models):
             return saved
     seconds = time_steps(models, train_loader, rounds=rounds, **options)
     if is_primary():
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(seconds))
+            tmp.write_text(json.dumps(seconds), encoding="utf-8")
     return seconds
 
 
@@ -296,6 +399,7 @@ def compare(
     seeds: int = 3,
     target: float = 95.0,
     timing_rounds: int = 20,
+    mc_samples: int = 0,
     resume: bool = False,
     title: str = "Paired comparison over seeds",
     description: str = "",
@@ -307,13 +411,15 @@ def compare(
     ``model`` is a module (every seed starts from its weights) or a function that builds one
     (called once per seed after ``torch.manual_seed(seed)``: new initial weights per seed).
     ``variants``: see :func:`parse_variants`. ``target``: the test accuracy (%) for "epochs to
-    target". ``finetune_options`` go to every run (``epochs``, ``lr``, ...; the seed is the
+    target". Each run's final model is evaluated on ``val_loader`` (NLL, ECE, Brier score) and,
+    with ``mc_samples`` N > 0, also as the mean of N MC-dropout passes. ``finetune_options`` go to every run (``epochs``, ``lr``, ...; the seed is the
     comparison's). ``out_dir`` must be empty or absent unless ``resume``. ``title`` and
     ``description`` (what was trained on what) head ``report.md``.
     """
     parsed = parse_variants(variants)
-    if seeds < 1 or timing_rounds < 1:
-        raise ComparisonError(f"need seeds >= 1 and timing_rounds >= 1, got {seeds} and {timing_rounds}")
+    if seeds < 1 or timing_rounds < 1 or mc_samples < 0:
+        raise ComparisonError(f"need seeds >= 1, timing_rounds >= 1 and mc_samples >= 0, got {seeds}, "
+                              f"{timing_rounds} and {mc_samples}")
     if "seed" in finetune_options or "resume" in finetune_options:
         raise ComparisonError("compare sets each run's seed and resume itself; pass seeds= and resume=")
     out_dir = Path(out_dir)
@@ -324,6 +430,7 @@ def compare(
         started = time.perf_counter()
         histories: dict[str, list[History]] = {v.spec: [] for v in parsed}
         step_seconds: dict[str, list[list[float]]] = {v.spec: [] for v in parsed}
+        evaluations: dict[str, list[Evaluation]] = {v.spec: [] for v in parsed}
         for seed in range(seeds):
             torch.manual_seed(seed)
             base = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
@@ -338,13 +445,16 @@ def compare(
                 result = finetune(models[variant.spec], train_loader, val_loader, seed_dir / variant.folder,
                                   seed=seed, resume=resume, **finetune_options)
                 histories[variant.spec].append(result.history)
+                evaluations[variant.spec].append(evaluate(models[variant.spec], val_loader, mc_samples, seed))
                 log(f"seed {seed + 1}/{seeds}: {variant.spec} final test accuracy {result.final['val_acc']:.2f}%, "
                     f"best {result.best_acc:.2f}%")
     settings = {"title": title, "description": description, "seeds": seeds, "timing_rounds": timing_rounds,
+                "mc_samples": mc_samples,
                 "finetune": {k: v for k, v in finetune_options.items() if k != "progress"},
                 "torch": torch.__version__, "timm": timm.__version__, "machine": platform.machine(),
                 "wall_s_this_process": round(time.perf_counter() - started, 1)}
-    comparison = Comparison(out_dir, [v.spec for v in parsed], histories, step_seconds, target, settings)
+    comparison = Comparison(out_dir, [v.spec for v in parsed], histories, step_seconds, target, settings, evaluations,
+                            mc_samples)
     if is_primary():
         comparison.write()
     return comparison
