@@ -1,17 +1,21 @@
 """``icrewrite compare``: the statistics, the variant specs, pairing, resume and the command line."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 from torch.utils.data import DataLoader, Subset
 
@@ -169,7 +173,9 @@ def test_variant_specs_parse_into_conversion_options() -> None:
     variant = parse_variant("ic:p=0.1,layout=ic-conv-relu,stem=true,exclude=head.fc|stem*")
     assert variant.options == {"init": "fresh", "p": 0.1, "layout": "ic-conv-relu", "stem": True,
                                "exclude": ("head.fc", "stem*")}
-    assert variant.folder == "ic-p0.1-layoutic-conv-relu-stemtrue-excludehead.fc-stem"
+    assert variant.key == "ic:p=0.1,stem=true,exclude=head.fc|stem*,layout=ic-conv-relu"  # Options' order
+    assert variant.folder.startswith("ic-p0.1-stemtrue-excludehead.fc-stem-layoutic-conv-relu-")  # + a hash: '|*'
+    assert parse_variant("ic:p=0.1,layout=ic-conv-relu").folder == "ic-p0.1-layoutic-conv-relu"
     parsed = parse_variants("ic:p=0.1,layout=ic-conv-relu,baseline,ic,ic:init=preserve")
     assert [v.spec for v in parsed] == ["baseline", "ic:p=0.1,layout=ic-conv-relu", "ic", "ic:init=preserve"]
 
@@ -184,11 +190,59 @@ def test_variant_specs_parse_into_conversion_options() -> None:
     ("baseline,ic:", "bad variant 'ic:'"),
     ("ic,ic:p=0.1", "must include baseline"),
     ("baseline,ic,ic", "variants given twice: ic"),
+    ("baseline,ic:p=0.1,ic:p=0.10", "variants given twice: ic:p=0.10 (the same options as 'ic:p=0.1')"),
+    ("baseline,ic,ic:init=fresh", "variants given twice: ic:init=fresh (the same options as 'ic')"),
+    ("baseline,ic:p=0.1,stem=true,ic:stem=yes,p=1e-1", "the same options as 'ic:p=0.1,stem=true'"),
+    ("baseline,ic:p=0.1,p=0.2", "variant 'ic:p=0.1,p=0.2': p is given twice; give each option once"),
 ])
 def test_bad_variant_specs_are_one_line_errors(specs: str, message: str) -> None:
     with pytest.raises(ComparisonError, match=None) as raised:
         parse_variants(specs)
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_variants_differing_only_where_a_file_name_cannot_show_it_are_kept_apart() -> None:
+    parsed = parse_variants("baseline,ic:exclude=a|b,ic:exclude=a-b")
+    assert [v.options["exclude"] for v in parsed[1:]] == [("a", "b"), ("a-b",)]
+    assert len({v.folder for v in parsed}) == 3
+
+
+_SPELLINGS = {True: ["true", "True", "1", "yes"], False: ["false", "FALSE", "0", "no"]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0, 0.99, allow_nan=False), st.booleans(), st.booleans(), st.randoms(use_true_random=False),
+       st.lists(st.sampled_from(["fc", "layer4.*", "head", "stem*", "a-b"]), max_size=3, unique=True))
+def test_a_variant_is_its_options_however_spelled(p: float, stem: bool, head: bool, rng: Any,
+                                                   exclude: list[str]) -> None:
+    items = [f"p={rng.choice([repr(p), f'{p:.17g}', f'{p:.17e}'])}", f"stem={rng.choice(_SPELLINGS[stem])}",
+             f"head={rng.choice(_SPELLINGS[head])}", f"exclude={'|'.join(exclude)}"]
+    rng.shuffle(items)
+    one, other = parse_variant("ic:" + ",".join(items)), parse_variant(f"ic:p={p!r},stem={stem},head={head},"
+                                                                         f"exclude={'|'.join(exclude)}")
+    assert one.key == other.key and one.folder == other.folder and one.options == other.options
+    assert parse_variant(one.key).key == one.key  # the key is a spec of the same variant
+    changed = parse_variant(f"ic:p={p!r},stem={not stem},head={head},exclude={'|'.join(exclude)}")
+    assert changed.key != one.key and changed.folder != one.folder
+
+
+def test_the_spec_parser_takes_a_new_options_field_by_its_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field added to ``icrewrite.Options`` (here a per-layer p mapping) is read from its annotation."""
+
+    @dataclasses.dataclass(frozen=True)
+    class WithOverrides(icrewrite.Options):
+        p_overrides: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    monkeypatch.setattr(compare_module, "Options", WithOverrides)
+    variant = parse_variant("ic:p_overrides=layer4.*=0.1|fc=0")
+    assert variant.options["p_overrides"] == {"layer4.*": 0.1, "fc": 0.0}
+    assert variant.key == "ic:p_overrides=layer4.*=0.1|fc=0.0"
+    assert parse_variant("ic:p-overrides=layer4.*=0.10|fc=0.0").key == variant.key
+    assert parse_variant("ic:p_overrides=fc=0|layer4.*=0.1").key != variant.key  # first match wins: order counts
+    with pytest.raises(ComparisonError, match="p_overrides takes a float, got 'x'"):
+        parse_variant("ic:p_overrides=fc=x")
+    with pytest.raises(ComparisonError, match="p_overrides takes PATTERN=VALUE items"):
+        parse_variant("ic:p_overrides=fc")
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -318,8 +372,32 @@ def test_cli_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(command) == 2  # the folder holds a comparison: refused
     assert "is not empty; resume the comparison" in capsys.readouterr().err
     assert main([*command, "--resume"]) == 0  # every run finished: read back
+    other = [("baseline,ic:p=0.2" if arg == "baseline,ic:p=0.1" else arg) for arg in command]
+    assert main([*other, "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot resume {out} with other variants: it was started with baseline,ic:p=0.1, this asks for "
+        "baseline,ic:p=0.2; give the same variants or a new output folder")
+    respelled = [("ic:p=0.10,baseline" if arg == "baseline,ic:p=0.1" else arg) for arg in command]
+    assert main([*respelled, "--resume"]) == 0  # the same variants, spelled otherwise
     assert main([*command[:-2], "--variants", "baseline,ic:p=2", "-o", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: variant 'ic:p=2': ")
+
+
+def test_cli_compare_writes_its_report_under_a_c_locale_with_a_non_ascii_path(tmp_path: Path) -> None:
+    """Without a UTF-8 locale the report is still written, as UTF-8, with the path's own bytes."""
+    data = write_digits_folder(tmp_path / "données", per_class=8, classes=2)
+    model = tmp_path / "tiny.safetensors"
+    icrewrite.save(create_timm_model("resnet18", **{**TINY, "num_classes": 2}), model)
+    out = tmp_path / "résultats"
+    env = {**subprocess_env(), "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": ""}
+    command = [sys.executable, "-m", "icrewrite.cli", "compare", str(model), "--data", str(data), "--img-size", "16",
+               "--batch-size", "4", "--epochs", "1", "--workers", "0", "--seeds", "2", "--timing-rounds", "1",
+               "--variants", "baseline,ic", "--no-progress", "-o", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    assert str(data).encode() in (out / "report.md").read_bytes()
+    assert json.loads((out / "compare.json").read_text(encoding="utf-8"))["variants"] == ["baseline", "ic"]
 
 
 @pytest.mark.slow

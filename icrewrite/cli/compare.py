@@ -34,11 +34,13 @@ def register(subparsers: Any) -> None:
     add_model_arguments(parser)
     parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (empty or absent)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the comparison in OUT: finished runs are read back, unfinished ones resume")
+                        help="continue the comparison in OUT (with the same variants): finished runs are read back, "
+                             "unfinished ones resume")
     parser.add_argument("--variants", default="baseline,ic", metavar="LIST",
                         help="comma-separated: baseline, ic, or ic:KEY=VALUE,... with KEY a conversion option (p, "
-                             "init, layout, stem, head, exclude with | between patterns); IC variants default to "
-                             "init=fresh (default baseline,ic)")
+                             "init, layout, stem, head, exclude with | between patterns; any field of "
+                             "icrewrite.Options); IC variants default to init=fresh; variants are told apart by "
+                             "their options, not their spelling (default baseline,ic)")
     parser.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per variant (default 3)")
     parser.add_argument("--target", type=float, default=95.0, metavar="PCT",
                         help="test accuracy (%%) for 'epochs to target' (default 95)")
@@ -55,8 +57,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train.compare import check_out_dir, compare, parse_variants  # heavy: loaded only when the command runs
 
-    parse_variants(args.variants)  # a bad spec or a folder in use is an error before any model is loaded
-    check_out_dir(Path(args.out), args.resume)
+    # a bad spec, a folder in use or a resume with other variants is an error before any model is loaded
+    check_out_dir(Path(args.out), args.resume, parse_variants(args.variants))
     torch.manual_seed(0)
     loaders = loaders_from_args(args, model_from_args(args))
     classes = num_classes(loaders[0].dataset)

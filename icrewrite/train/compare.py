@@ -20,14 +20,18 @@ seeds), atomically, from rank 0 only under torchrun.
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
 import re
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +57,7 @@ __all__ = ["BASELINE", "Comparison", "ComparisonError", "Variant", "check_out_di
 BASELINE = "baseline"
 IC_VARIANT = "ic"
 TIMING_FILE = "timing.json"
+VARIANTS_FILE = "variants.json"  # the variants a comparison was started with, by key: a resume must give the same
 Log = Callable[[str], None]
 History = list[dict[str, float]]
 
@@ -63,15 +68,36 @@ class ComparisonError(ICRewriteError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One arm of a comparison: the baseline model, or its IC conversion with ``options``."""
+    """One arm of a comparison: the baseline model, or its IC conversion with ``options``.
+
+    ``spec`` is what the user wrote; ``key`` is the variant's identity, the same for every
+    spelling of the same options (``ic:p=0.1`` and ``ic:p=0.10``; ``ic`` and ``ic:init=fresh``).
+    """
 
     spec: str
     options: Mapping[str, Any] | None = None  # convert's keyword arguments; None for the baseline
 
     @property
+    def key(self) -> str:
+        """The canonical spec: ``baseline``, or ``ic`` followed by the options that differ from an IC
+        variant's defaults, in the order of :class:`~icrewrite.Options`, each value in one spelling."""
+        if self.options is None:
+            return BASELINE
+        chosen, defaults = Options(**self.options), Options(**IC_DEFAULTS)
+        items = [f"{f.name}={_spell(getattr(chosen, f.name))}" for f in dataclasses.fields(Options)
+                 if getattr(chosen, f.name) != getattr(defaults, f.name)]
+        return f"{IC_VARIANT}:{','.join(items)}" if items else IC_VARIANT
+
+    @property
     def folder(self) -> str:
-        """A file-name-safe form of ``spec``: ``ic:p=0.1,layout=ic-conv-relu`` -> ``ic-p0.1-layout-ic-conv-relu``."""
-        return re.sub(r"[^A-Za-z0-9.]+", "-", self.spec.replace("=", "")).strip("-")
+        """A file-name-safe form of ``key``: ``ic:p=0.1,layout=ic-conv-relu`` -> ``ic-p0.1-layoutic-conv-relu``;
+        when that form loses characters (``exclude=a|b`` and ``exclude=a-b`` would meet), a short hash of the key
+        follows, so that different variants never share a folder."""
+        key = self.key
+        readable = re.sub(r"[^A-Za-z0-9.]+", "-", key.replace("=", "")).strip("-")
+        if re.fullmatch(r"[A-Za-z0-9.=:]+(?:[-,][A-Za-z0-9.=:]+)*", key):  # only ':', ',' and single '-' become '-'
+            return readable
+        return f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
     def build(self, model: nn.Module) -> nn.Module:
         """This variant of ``model``, which is left as it is."""
@@ -81,38 +107,87 @@ class Variant:
 # IC variants start from default BatchNorm statistics: a comparison trains its models, and the other
 # layouts need it. ``ic:init=preserve`` keeps a trained model's function instead.
 IC_DEFAULTS = {"init": "fresh"}
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def _option_value(option: dataclasses.Field, text: str, spec: str) -> Any:
-    kind = type(option.default)
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ComparisonError(f"variant {spec!r}: {option.name} takes true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if kind is tuple:
-        return tuple(text.split("|"))
+def _spell(value: Any) -> str:
+    """One spelling of an option value in a spec: the inverse of :func:`_parse_value`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "|".join(f"{k}={_spell(v)}" for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return "|".join(f"{v[0]}={_spell(v[1])}" if isinstance(v, (tuple, list)) else _spell(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _option_types() -> dict[str, Any]:
+    """Each :class:`~icrewrite.Options` field's type, resolved from its annotation (the type of its
+    default where an annotation cannot be resolved)."""
     try:
-        return kind(text)
-    except ValueError:
-        raise ComparisonError(f"variant {spec!r}: {option.name} takes a {kind.__name__}, got {text!r}") from None
+        hints = typing.get_type_hints(Options)
+    except (NameError, TypeError):
+        hints = {}
+    return {f.name: hints.get(f.name, type(f.default)) for f in dataclasses.fields(Options)}
+
+
+def _parse_value(kind: Any, text: str, where: str) -> Any:
+    """``text`` as a value of type ``kind``: ``bool`` (true/false, 1/0, yes/no), a number, a string,
+    an optional of one, ``tuple[X, ...]`` (``|`` between items), a pair ``tuple[K, V]`` (``K=V``) or a
+    mapping (``K=V|K=V``, in order). ``where`` names the value in errors."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [k for k in args if k is not type(None)]
+        if text.lower() in ("none", "") and len(kinds) < len(args):
+            return None
+        return _parse_value(kinds[0], text, where) if len(kinds) == 1 else text
+    if kind is bool:
+        if text.lower() not in TRUE + FALSE:
+            raise ComparisonError(f"{where} takes true or false, got {text!r}")
+        return text.lower() in TRUE
+    if origin in (dict, Mapping, collections.abc.Mapping) or kind in (dict, Mapping):
+        key_kind, value_kind = args or (str, str)
+        return dict(_parse_value(tuple[key_kind, value_kind], item, where) for item in filter(None, text.split("|")))
+    if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
+        key, equals, value = text.rpartition("=")
+        if not equals or not key:
+            raise ComparisonError(f"{where} takes PATTERN=VALUE items, got {text!r}")
+        return _parse_value(args[0], key, where), _parse_value(args[1], value, where)
+    if origin is tuple or kind is tuple:
+        item_kind = args[0] if args else str
+        return tuple(_parse_value(item_kind, item, where) for item in filter(None, text.split("|")))
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ComparisonError(f"{where} takes a {kind.__name__}, got {text!r}") from None
+    raise ComparisonError(f"{where} cannot be set in a variant spec (type {kind})")
 
 
 def parse_variant(spec: str) -> Variant:
-    """``baseline``, ``ic`` or ``ic:KEY=VALUE,...`` with keys from :class:`~icrewrite.Options`
-    (``p``, ``init``, ``layout``, ``stem``, ``head``, ``exclude`` with ``|`` between patterns)."""
+    """``baseline``, ``ic`` or ``ic:KEY=VALUE,...`` with each KEY a field of :class:`~icrewrite.Options`
+    (``p``, ``init``, ``stem``, ``head``, ``exclude`` with ``|`` between patterns, ``layout``, and any field
+    added there: its value is read by its type, a mapping as ``K=V|K=V``). Dashes in KEY may stand for
+    underscores. A KEY given twice is an error."""
     spec = spec.strip()
     if spec == BASELINE:
         return Variant(spec)
     kind, _, settings = spec.partition(":")
     if kind != IC_VARIANT or (not settings and ":" in spec):
         raise ComparisonError(f"bad variant {spec!r}: use baseline, ic or ic:KEY=VALUE,... (e.g. ic:p=0.1)")
-    fields = {f.name: f for f in dataclasses.fields(Options)}
+    option_types = _option_types()
     options: dict[str, Any] = dict(IC_DEFAULTS)
+    given: set[str] = set()
     for item in filter(None, settings.split(",")):
         key, equals, text = item.partition("=")
-        if not equals or key not in fields:
-            raise ComparisonError(f"bad variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
-        options[key] = _option_value(fields[key], text, spec)
+        key = key.strip().replace("-", "_")
+        if not equals or key not in option_types:
+            raise ComparisonError(f"bad variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
+                                  f"{', '.join(option_types)}")
+        if key in given:
+            raise ComparisonError(f"variant {spec!r}: {key} is given twice; give each option once")
+        given.add(key)
+        options[key] = _parse_value(option_types[key], text.strip(), f"variant {spec!r}: {key}")
     try:
         Options(**options)
     except ICRewriteError as err:
@@ -120,24 +195,32 @@ def parse_variant(spec: str) -> Variant:
     return Variant(spec, options)
 
 
+def _split_specs(specs: str) -> list[str]:
+    """The specs of one ``--variants`` string: a ``KEY=VALUE`` item after an ``ic:...`` one continues it."""
+    items: list[str] = []
+    for item in specs.split(","):
+        continues = "=" in item and ":" not in item and items and items[-1].startswith(f"{IC_VARIANT}:")
+        items[-1:] = [f"{items[-1]},{item}"] if continues else [*items[-1:], item]
+    return items
+
+
 def parse_variants(specs: str | Sequence[str]) -> list[Variant]:
     """Variants from a list of specs or from one string such as ``"baseline,ic,ic:p=0.1,layout=ic-conv-relu"``
     (the CLI's ``--variants``): a ``KEY=VALUE`` item after an ``ic:...`` one continues it. The
-    baseline must be among them; it goes first."""
-    if isinstance(specs, str):
-        items: list[str] = []
-        for item in specs.split(","):
-            continues = "=" in item and ":" not in item and items and items[-1].startswith(f"{IC_VARIANT}:")
-            items[-1:] = [f"{items[-1]},{item}"] if continues else [*items[-1:], item]
-        specs = items
-    variants = [parse_variant(spec) for spec in specs]
-    names = [v.spec for v in variants]
-    if BASELINE not in names:
+    baseline must be among them; it goes first. Two specs with the same options (however spelled)
+    are an error."""
+    variants = [parse_variant(spec) for spec in (_split_specs(specs) if isinstance(specs, str) else specs)]
+    if BASELINE not in (v.key for v in variants):
         raise ComparisonError("the variants must include baseline: every other variant is compared with it")
+    seen: dict[str, str] = {}
+    for variant in variants:
+        if variant.key in seen:
+            same = "" if seen[variant.key] == variant.spec else f" (the same options as {seen[variant.key]!r})"
+            raise ComparisonError(f"variants given twice: {variant.spec}{same}")
+        seen[variant.key] = variant.spec
     folders = [v.folder for v in variants]
-    duplicates = sorted({n for n, f in zip(names, folders) if folders.count(f) > 1})
-    if duplicates:
-        raise ComparisonError(f"variants given twice: {', '.join(duplicates)}")
+    if len(set(folders)) < len(folders):  # only contrived patterns can still meet: refuse rather than share
+        raise ComparisonError(f"variants {', '.join(v.spec for v in variants)} would share an output folder")
     return sorted(variants, key=lambda v: v.spec != BASELINE)
 
 
@@ -351,7 +434,8 @@ class Comparison:
         with atomic_path(self.out_dir / "compare.json") as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
         with atomic_path(self.out_dir / "report.md") as tmp:
-            tmp.write_text(self.report(), encoding="utf-8")
+            # a path given under a C locale holds surrogate escapes: written back as the bytes it came from
+            tmp.write_text(self.report(), encoding="utf-8", errors="surrogateescape")
 
 
 def _plain(value: Any) -> Any:
@@ -369,10 +453,21 @@ def _quiet(_: str) -> None:
     """The log of every process but the first under torchrun."""
 
 
-def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """Refuse a folder in use unless the comparison in it is resumed."""
+def check_out_dir(out_dir: Path, resume: bool, variants: Sequence[Variant] | None = None) -> None:
+    """Refuse a folder in use unless the comparison in it is resumed, and a resume with other variants
+    than the comparison in it was started with (``VARIANTS_FILE``, by their options)."""
     if not resume and out_dir.exists() and any(out_dir.iterdir()):
         raise ComparisonError(f"{out_dir} is not empty; resume the comparison in it or choose another output folder")
+    recorded = out_dir / VARIANTS_FILE
+    if resume and variants is not None and recorded.is_file():
+        try:
+            started = json.loads(recorded.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ComparisonError(f"cannot read {recorded}: {err}") from None
+        if started != [v.key for v in variants]:
+            raise ComparisonError(f"cannot resume {out_dir} with other variants: it was started with "
+                                  f"{','.join(map(str, started))}, this asks for {','.join(v.key for v in variants)}; "
+                                  "give the same variants or a new output folder")
 
 
 def _step_seconds(models: dict[str, nn.Module], train_loader: DataLoader, path: Path, rounds: int, resume: bool,
@@ -423,7 +518,10 @@ def compare(
     if "seed" in finetune_options or "resume" in finetune_options:
         raise ComparisonError("compare sets each run's seed and resume itself; pass seeds= and resume=")
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, resume)
+    check_out_dir(out_dir, resume, parsed)
+    if is_primary():
+        with atomic_path(out_dir / VARIANTS_FILE) as tmp:
+            tmp.write_text(json.dumps([v.key for v in parsed]), encoding="utf-8")
     if not is_primary():
         log = _quiet
     with joined_world(finetune_options.get("device")):
