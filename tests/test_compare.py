@@ -340,6 +340,21 @@ def test_an_interrupted_comparison_resumes_to_the_same_result(tmp_path: Path, mo
     assert resumed.verdicts()["ic"].startswith("ic against baseline, final test accuracy (points): ")
 
 
+def test_one_progress_bar_for_a_comparison_and_epoch_lines_only_when_verbose(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    options = dict(variants="baseline,ic", seeds=1, timing_rounds=1, epochs=2, log=print)
+    compare(_build, *_loaders(), tmp_path / "quiet", **options)
+    quiet = capsys.readouterr()
+    assert "4/4 epochs" in quiet.err and "seed 1/1 ic" in quiet.err  # runs done, the current run
+    assert "train loss" not in quiet.out + quiet.err and "training" not in quiet.out + quiet.err
+    compare(_build, *_loaders(), tmp_path / "verbose", verbose=True, **options)
+    verbose = capsys.readouterr()
+    assert (verbose.out + verbose.err).count("train loss") == 4  # 2 runs x 2 epochs
+    assert "seed 1/1: training ic" in verbose.out
+    compare(_build, *_loaders(), tmp_path / "none", progress=False, **options)
+    assert "epochs" not in capsys.readouterr().err
+
+
 # -- command line -------------------------------------------------------------------------------
 
 def test_cli_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

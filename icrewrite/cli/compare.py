@@ -50,6 +50,8 @@ def register(subparsers: Any) -> None:
                              "score (default 0: off)")
     parser.add_argument("--timing-rounds", type=int, default=20, metavar="N",
                         help="interleaved timing rounds per seed (default 20)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print a line per run and per epoch (default: one progress bar for the comparison)")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                    f"{args.opt} lr {args.lr:g}, schedule {args.sched}.")
     comparison = compare(lambda: with_classes(model_from_args(args), classes), *loaders, args.out,
                          variants=args.variants, seeds=args.seeds, target=args.target,
-                         timing_rounds=args.timing_rounds, mc_samples=args.mc_samples, resume=args.resume, description=description, log=progress,
+                         timing_rounds=args.timing_rounds, mc_samples=args.mc_samples, resume=args.resume, verbose=args.verbose, description=description, log=progress,
                          **options)
     if is_primary():
         print("\n".join(comparison.verdicts().values()))

@@ -2,8 +2,11 @@
 
 ``compare(model, train, test, out_dir, variants=["baseline", "ic", "ic:p=0.1"], seeds=3, epochs=...)``
 trains every variant once per seed and reports, per variant, the mean and 95% t-interval over
-seeds of its figures and, against the baseline, the paired difference with a verdict in
-words (:mod:`.significance` does the statistics).
+seeds of its figures (accuracy, and the final model's NLL, ECE and Brier score, also under
+MC dropout with ``mc_samples``) and, against the baseline, the paired difference with a
+verdict in words; the verdicts of all variants and metrics are decided as one family by
+Holm's step-down procedure (:mod:`.significance` does the statistics). Variants are
+identified by their parsed options (:func:`parse_variants`).
 
 The runs are paired: per seed the model is built once and every variant starts from it
 (``convert`` copies it), and every variant's run uses that seed, which fixes the data order
@@ -14,9 +17,9 @@ state. Time per step is not taken from the runs (trained at different times, the
 whatever else the machine did meanwhile) but from a short timing phase per seed that steps the
 variants round-robin on the same batches (:func:`.loop.time_steps`).
 
-Writes ``out_dir/report.md``, ``compare.json`` (settings, every run's per-epoch records, the
-timing rounds and the summary) and ``compare.png`` (test accuracy and loss, mean +/- sd over
-seeds), atomically, from rank 0 only under torchrun.
+Writes ``out_dir/report.md``, ``compare.json`` (settings, every run's per-epoch records and
+final evaluation, the timing rounds and the summary) and ``compare.png`` (test accuracy and
+loss, mean +/- sd over seeds), atomically and as UTF-8, from rank 0 only under torchrun.
 """
 from __future__ import annotations
 
@@ -42,12 +45,13 @@ import timm
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..errors import ICRewriteError
 from ..files import atomic_path
-from ..rewrite import Options, convert
-from .loop import finetune, is_primary, joined_world, time_steps
 from ..plot import plot_mean_std
+from ..rewrite import Options, convert
+from .loop import FinetuneConfig, finetune, format_record, is_primary, joined_world, time_steps
 from .significance import (CONFIDENCE, Difference, Interval, epochs_to, holm, median_ratio, paired_difference,
                            t_interval)
 from .validate import validate
@@ -453,6 +457,43 @@ def _quiet(_: str) -> None:
     """The log of every process but the first under torchrun."""
 
 
+class _Bar:
+    """One progress bar for a whole comparison: epochs done over all runs, the current seed, variant
+    and epoch, and the time left (tqdm's estimate); on stderr. With ``verbose`` it also logs each
+    stage and run and prints each epoch's line."""
+
+    def __init__(self, total: int, epochs: int, *, show: bool, verbose: bool, log: Log) -> None:
+        self.epochs, self.verbose, self.log, self.runs = epochs, verbose, log, 0
+        self.bar = tqdm(total=total, desc="starting", unit="epoch", disable=not show, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} epochs "
+                                   "[{elapsed}<{remaining}{postfix}]")
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.bar.close()
+
+    def stage(self, short: str, line: str) -> None:
+        self.bar.set_description_str(short)
+        self.bar.set_postfix_str("")
+        if self.verbose:
+            self.log(line)
+
+    def epoch(self, record: Mapping[str, float]) -> None:
+        self.bar.set_postfix_str(f"epoch {record['epoch']}/{self.epochs}, test acc {record['val_acc']:.1f}%")
+        self.bar.update(1)
+        if self.verbose:
+            tqdm.write(format_record(dict(record), self.epochs))
+
+    def run_done(self, line: str) -> None:
+        """A run finished (or was read back finished): the bar counts all its epochs."""
+        self.runs += 1
+        self.bar.update(self.runs * self.epochs - self.bar.n)
+        if self.verbose:
+            self.log(line)
+
+
 def check_out_dir(out_dir: Path, resume: bool, variants: Sequence[Variant] | None = None) -> None:
     """Refuse a folder in use unless the comparison in it is resumed, and a resume with other variants
     than the comparison in it was started with (``VARIANTS_FILE``, by their options)."""
@@ -498,6 +539,7 @@ def compare(
     resume: bool = False,
     title: str = "Paired comparison over seeds",
     description: str = "",
+    verbose: bool = False,
     log: Log = print,
     **finetune_options: Any,
 ) -> Comparison:
@@ -507,9 +549,11 @@ def compare(
     (called once per seed after ``torch.manual_seed(seed)``: new initial weights per seed).
     ``variants``: see :func:`parse_variants`. ``target``: the test accuracy (%) for "epochs to
     target". Each run's final model is evaluated on ``val_loader`` (NLL, ECE, Brier score) and,
-    with ``mc_samples`` N > 0, also as the mean of N MC-dropout passes. ``finetune_options`` go to every run (``epochs``, ``lr``, ...; the seed is the
-    comparison's). ``out_dir`` must be empty or absent unless ``resume``. ``title`` and
-    ``description`` (what was trained on what) head ``report.md``.
+    with ``mc_samples`` N > 0, also as the mean of N MC-dropout passes. ``finetune_options`` go to
+    every run (``epochs``, ``lr``, ...; the seed is the comparison's). ``out_dir`` must be empty or
+    absent unless ``resume``. ``title`` and ``description`` (what was trained on what) head
+    ``report.md``. Progress is one bar for the whole comparison (``progress=False``: none); with
+    ``verbose`` also a line per run and per epoch (through ``log`` and ``tqdm.write``).
     """
     parsed = parse_variants(variants)
     if seeds < 1 or timing_rounds < 1 or mc_samples < 0:
@@ -524,7 +568,11 @@ def compare(
             tmp.write_text(json.dumps([v.key for v in parsed]), encoding="utf-8")
     if not is_primary():
         log = _quiet
-    with joined_world(finetune_options.get("device")):
+    epochs = finetune_options.get("epochs", FinetuneConfig.epochs)
+    bar = _Bar(seeds * len(parsed) * epochs, epochs, show=finetune_options.get("progress", True) and is_primary(),
+               verbose=verbose, log=log)
+    run_options = {**finetune_options, "progress": False}  # one bar for the comparison, not one per epoch
+    with joined_world(finetune_options.get("device")), bar:
         started = time.perf_counter()
         histories: dict[str, list[History]] = {v.spec: [] for v in parsed}
         step_seconds: dict[str, list[list[float]]] = {v.spec: [] for v in parsed}
@@ -534,18 +582,19 @@ def compare(
             base = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
             models = {v.spec: v.build(base) for v in parsed}
             seed_dir = out_dir / f"seed-{seed}"
-            log(f"seed {seed + 1}/{seeds}: timing {len(models)} variants, {timing_rounds} interleaved rounds")
+            bar.stage(f"seed {seed + 1}/{seeds} timing",
+                      f"seed {seed + 1}/{seeds}: timing {len(models)} variants, {timing_rounds} interleaved rounds")
             for spec, seconds in _step_seconds(models, train_loader, seed_dir / TIMING_FILE, timing_rounds, resume,
-                                               {**finetune_options, "seed": seed}).items():
+                                               {**run_options, "seed": seed}).items():
                 step_seconds[spec].append(seconds)
             for variant in parsed:
-                log(f"seed {seed + 1}/{seeds}: training {variant.spec}")
+                bar.stage(f"seed {seed + 1}/{seeds} {variant.spec}", f"seed {seed + 1}/{seeds}: training {variant.spec}")
                 result = finetune(models[variant.spec], train_loader, val_loader, seed_dir / variant.folder,
-                                  seed=seed, resume=resume, **finetune_options)
+                                  seed=seed, resume=resume, on_epoch=bar.epoch, **run_options)
                 histories[variant.spec].append(result.history)
                 evaluations[variant.spec].append(evaluate(models[variant.spec], val_loader, mc_samples, seed))
-                log(f"seed {seed + 1}/{seeds}: {variant.spec} final test accuracy {result.final['val_acc']:.2f}%, "
-                    f"best {result.best_acc:.2f}%")
+                bar.run_done(f"seed {seed + 1}/{seeds}: {variant.spec} final test accuracy "
+                             f"{result.final['val_acc']:.2f}%, best {result.best_acc:.2f}%")
     settings = {"title": title, "description": description, "seeds": seeds, "timing_rounds": timing_rounds,
                 "mc_samples": mc_samples,
                 "finetune": {k: v for k, v in finetune_options.items() if k != "progress"},
