@@ -119,6 +119,9 @@ def test_a_label_outside_the_classifier_is_one_line() -> None:
     assert "\n" not in str(raised.value)
     with pytest.raises(ValidationError, match="mc_samples"):
         validate(model, _loader(), mc_samples=-1)
+    features = create_timm_model("resnet18", **{**TINY, "num_classes": 0, "global_pool": ""}).eval()
+    with pytest.raises(ValidationError, match=r"shape \(50, 64, 1, 1\); validate needs class scores"):
+        validate(features, _loader())
 
 
 @st.composite

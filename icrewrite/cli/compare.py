@@ -22,8 +22,8 @@ def register(subparsers: Any) -> None:
                     "once (seeded: new initial weights per seed unless MODEL brings its own) and every variant "
                     "starts from it and sees the same data order and augmentation. Each run is a `finetune` run in "
                     "OUT/seed-S/VARIANT/. Time per step comes from a short interleaved timing phase per seed. "
-                    "Writes OUT/report.md (means with 95% t-intervals over seeds of accuracy, NLL, ECE and Brier score, "
-                    "and with --mc-samples of the MC-dropout figures; per variant the paired difference to the "
+                    "Writes OUT/report.md (means with 95% t-intervals over seeds of accuracy, NLL, ECE and Brier "
+                    "score, and with --mc-samples of the MC-dropout figures; per variant the paired difference to the "
                     "baseline with a verdict: better, worse, or not resolved at N seeds, decided for all variants "
                     "and metrics together by Holm's step-down procedure at 5% family-wise error), OUT/compare.json "
                     "and OUT/compare.png. A killed comparison continues with the same command plus --resume. "
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                    f"{args.opt} lr {args.lr:g}, schedule {args.sched}.")
     comparison = compare(lambda: with_classes(model_from_args(args), classes), *loaders, args.out,
                          variants=args.variants, seeds=args.seeds, target=args.target,
-                         timing_rounds=args.timing_rounds, mc_samples=args.mc_samples, resume=args.resume, verbose=args.verbose, description=description, log=progress,
+                         timing_rounds=args.timing_rounds, mc_samples=args.mc_samples, resume=args.resume,
+                         verbose=args.verbose, description=description, log=progress,
                          **options)
     if is_primary():
         print("\n".join(comparison.verdicts().values()))

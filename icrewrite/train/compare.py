@@ -371,7 +371,8 @@ class Comparison:
 
     def _table(self, metrics: Sequence[Metric], extra: bool) -> list[str]:
         n = self.seeds
-        header = [m.column for m in metrics] + ([f"epochs to {self.target:g}%", "step time / baseline"] if extra else [])
+        header = [m.column for m in metrics]
+        header += [f"epochs to {self.target:g}%", "step time / baseline"] if extra else []
         lines = ["| variant | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
         for variant, s in self.summaries().items():
             cells = [s.figures[m.name].format(m.digits) for m in metrics]
@@ -588,7 +589,8 @@ def compare(
                                                {**run_options, "seed": seed}).items():
                 step_seconds[spec].append(seconds)
             for variant in parsed:
-                bar.stage(f"seed {seed + 1}/{seeds} {variant.spec}", f"seed {seed + 1}/{seeds}: training {variant.spec}")
+                bar.stage(f"seed {seed + 1}/{seeds} {variant.spec}",
+                          f"seed {seed + 1}/{seeds}: training {variant.spec}")
                 result = finetune(models[variant.spec], train_loader, val_loader, seed_dir / variant.folder,
                                   seed=seed, resume=resume, on_epoch=bar.epoch, **run_options)
                 histories[variant.spec].append(result.history)

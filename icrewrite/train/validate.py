@@ -260,6 +260,9 @@ def validate(model: nn.Module, loader: DataLoader | Sequence[tuple[torch.Tensor,
             for images, targets in loader:
                 images, targets = images.to(device), torch.as_tensor(targets).to(device)
                 logits = model(images).float()
+                if logits.ndim != 2:
+                    raise ValidationError(f"the model returns a tensor of shape {tuple(logits.shape)}; validate "
+                                          "needs class scores (batch, classes), as a classifier gives")
                 if targets.min() < 0 or targets.max() >= logits.shape[1]:
                     raise ValidationError(f"the data has labels up to {int(targets.max())} but the model has "
                                           f"{logits.shape[1]} outputs; give a model with as many classes as the data")
