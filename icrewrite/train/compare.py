@@ -564,9 +564,6 @@ def compare(
         raise ComparisonError("compare sets each run's seed and resume itself; pass seeds= and resume=")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume, parsed)
-    if is_primary():
-        with atomic_path(out_dir / VARIANTS_FILE) as tmp:
-            tmp.write_text(json.dumps([v.key for v in parsed]), encoding="utf-8")
     if not is_primary():
         log = _quiet
     epochs = finetune_options.get("epochs", FinetuneConfig.epochs)
@@ -574,6 +571,9 @@ def compare(
                verbose=verbose, log=log)
     run_options = {**finetune_options, "progress": False}  # one bar for the comparison, not one per epoch
     with joined_world(finetune_options.get("device")), bar:
+        if is_primary():  # after every rank has checked the folder (joining the group is a rendezvous)
+            with atomic_path(out_dir / VARIANTS_FILE) as tmp:
+                tmp.write_text(json.dumps([v.key for v in parsed]), encoding="utf-8")
         started = time.perf_counter()
         histories: dict[str, list[History]] = {v.spec: [] for v in parsed}
         step_seconds: dict[str, list[list[float]]] = {v.spec: [] for v in parsed}
