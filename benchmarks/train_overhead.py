@@ -61,8 +61,8 @@ from torch import nn
 
 import icrewrite
 from icrewrite.layers import IC
+from icrewrite.apps.demo import FULL as DEMO
 from icrewrite.layers import fast as fast_ic
-from icrewrite.train.demo import FULL as DEMO
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "vit_tiny_patch16_224")

@@ -32,6 +32,8 @@ _LAZY = {
     "ExportReport": "deploy",
     "finetune": "train",
     "compare": "train.compare",
+    "validate": "train.validate",
+    "Validation": "train.validate",
     "stats": "independence",
     "StatsReport": "independence",
 }

@@ -16,6 +16,8 @@ MOVED = {  # old name -> where its classes are now
     "icrewrite.attention": "icrewrite.layers.attention",
     "icrewrite.fast_ic": "icrewrite.layers.fast",
     "icrewrite.fold": "icrewrite.deploy.fold",
+    "icrewrite.train.demo": "icrewrite.apps.demo",
+    "icrewrite.train.plot": "icrewrite.plot",
 }
 
 

@@ -41,7 +41,7 @@ from .errors import ICRewriteError
 from .files import atomic_path
 from .layers import IC, ICWeightLayer, feature_columns
 from .registry import is_weight_layer, weight_layer_features
-from .train.plot import figure
+from .plot import figure
 
 __all__ = [
     "stats",

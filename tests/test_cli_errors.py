@@ -91,7 +91,7 @@ CASES = {  # name: (argv, with {x} the prepared path, the expected part of the e
     "--num-classes -1": (lambda d: ["convert", "resnet10t", "--num-classes", "-1", "-o", "out"],
                          "--num-classes: must be at least 1, got -1"),
     "--num-classes x": (lambda d: ["plan", "resnet10t", "--num-classes", "x"],
-                        "--num-classes: expected a positive integer, got 'x'"),
+                        "--num-classes: expected an integer, got 'x'"),
     "--calibrate-batches 0": (lambda d: ["convert", *MODEL, "--calibrate-batches", "0", "-o", "out"],
                               "--calibrate-batches: must be at least 1"),
     "--opset 0": (lambda d: ["export", *MODEL, "-o", "m.onnx", "--opset", "0"], "--opset: must be at least 1"),

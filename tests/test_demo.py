@@ -12,7 +12,7 @@ import torch
 
 import icrewrite
 from icrewrite.train.data import DigitsDataset
-from icrewrite.train.demo import QUICK, run_demo
+from icrewrite.apps.demo import QUICK, run_demo
 from icrewrite.errors import ICRewriteError
 from icrewrite.layers import ICWeightLayer
 
@@ -21,9 +21,13 @@ from test_examples import subprocess_env
 
 
 def test_demo_quick_runs_end_to_end(tmp_path: Path) -> None:
+    # bytes, not text: text mode would turn the progress bar's carriage returns into newlines
     done = subprocess.run([sys.executable, "-m", "icrewrite.cli", "demo", "--quick", "--out", str(tmp_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                          env=subprocess_env(), capture_output=True, timeout=600)
+    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 0, done.stderr[-3000:]
+    # One screen: the bar redraws one line (carriage returns, not newlines); no per-epoch lines.
+    assert (done.stdout + done.stderr).count("\n") <= 24 and "train loss" not in done.stderr
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["baseline", "ic"]
     verdict = next(line for line in done.stdout.splitlines() if line.startswith("ic against baseline"))

@@ -16,7 +16,7 @@ import pkgutil
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from torch import nn
@@ -35,6 +35,7 @@ __all__ = [
     "conversion_options",
     "given_conversion_flags",
     "progress",
+    "at_least",
     "positive_int",
     "describe_error",
 ]
@@ -166,15 +167,20 @@ def _print_warning(message: Warning | str, category: type[Warning], *_: Any, **_
     print(f"warning: {message}", file=sys.stderr)
 
 
-def positive_int(text: str) -> int:
-    """The argparse type of every count and size on the command line: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """The argparse type of an integer count or size that must be at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int = at_least(1)  # every count and size on the command line that cannot be 0
 
 
 def _shown(name: str, most: int = 120) -> str:

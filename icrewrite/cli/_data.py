@@ -15,6 +15,11 @@ DIGITS_IMG_SIZES = {  # the embedded 8x8 digits, upscaled: the default size per 
 }
 
 
+def loader_workers(data: str, workers: int | None) -> int:
+    """``--workers``, else 0 for the embedded digits (already in memory) and 4 for image files."""
+    return workers if workers is not None else (0 if data == DIGITS else 4)
+
+
 def model_img_size(model: nn.Module, data: str, img_size: int | None = None, digits_img_size: int | None = None
                    ) -> int:
     """``img_size``, else ``digits_img_size`` for the digits, else the model's input size."""

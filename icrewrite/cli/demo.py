@@ -22,14 +22,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 seeds of one epoch: a smoke test")
     parser.add_argument("-o", "--out", default="demo-out", metavar="DIR",
                         help="output folder, empty or absent (default demo-out)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="also print a line per run and per epoch")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.demo import FULL, QUICK, run_demo  # heavy: loaded only when the command runs
+    from ..apps.demo import FULL, QUICK, run_demo  # heavy: loaded only when the command runs
 
-    result = run_demo(args.out, QUICK if args.quick else FULL, progress=args.progress, log=progress)
+    result = run_demo(args.out, QUICK if args.quick else FULL, progress=args.progress, verbose=args.verbose,
+                      log=progress)
     print(result.comparison.table())
     print("\n".join(result.comparison.verdicts().values()))
     print(result.onnx)

@@ -17,7 +17,7 @@ from ..rewrite import options_of
 from ..train.data import DIGITS, num_classes
 from ..train import FinetuneConfig, FinetuneResult, finetune
 from ..train.loop import AMP_DTYPES, MIXUP_MODES, is_primary
-from ._data import DIGITS_IMG_SIZES, model_img_size, model_loader
+from ._data import DIGITS_IMG_SIZES, loader_workers, model_img_size, model_loader
 from . import add_command, add_conversion_arguments, add_model_arguments, conversion_options, model_from_args, progress
 
 DIGITS_IMG_SIZE = DIGITS_IMG_SIZES["finetune"]
@@ -264,7 +264,7 @@ def loaders_from_args(args: argparse.Namespace, model: nn.Module) -> list[DataLo
     check_data_arguments(args)
     img_size = model_img_size(model, args.data, args.img_size, DIGITS_IMG_SIZE)
     progress(f"reading {args.data} at {img_size}x{img_size}")
-    workers = args.workers if args.workers is not None else (0 if args.data == DIGITS else 4)
+    workers = loader_workers(args.data, args.workers)
     augment = {"auto_augment": args.aa, "re_prob": args.reprob}
     return [model_loader(model, args.data, split, args.batch_size, img_size=img_size, num_workers=workers,
                          **(augment if split == "train" else {}))

@@ -44,7 +44,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,9 +70,9 @@ from ..checkpoint import check_saveable
 from ..checkpoint import save as save_model
 from ..errors import DataError, LossNotFinite, TrainingError, require
 from ..files import atomic_path
+from ..plot import plot_history
 from ..rewrite import options_of
 from .data import class_names, resumable_loader, set_model_class_names
-from .plot import plot_history
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "TrainingError", "LossNotFinite", "finetune", "is_primary", "joined_world",
            "record_class_names", "time_steps"]
@@ -408,6 +408,10 @@ class _Run:
         self.best_acc, self.best_epoch = -1.0, 0
         self.train_model: nn.Module = self.model
         self.tensorboard = None
+        self.on_epoch: Callable[[dict[str, float]], None] = self.print_record
+
+    def print_record(self, record: dict[str, float]) -> None:
+        tqdm.write(format_record(record, self.config.epochs))
 
     @property
     def lr(self) -> float:
@@ -662,7 +666,7 @@ class _Run:
                 self.train_epoch()
                 record = self.end_epoch()
                 if self.world.primary:
-                    tqdm.write(_format_record(record, self.config.epochs))
+                    self.on_epoch(record)
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -698,7 +702,8 @@ def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _format_record(record: dict[str, float], epochs: int) -> str:
+def format_record(record: dict[str, float], epochs: int) -> str:
+    """An epoch's record as the one line ``finetune`` prints."""
     line = (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}%  "
             f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2f}%")
     if "ema_val_acc" in record:
@@ -719,6 +724,8 @@ def finetune(
     val_loader: DataLoader,
     out_dir: str | Path,
     config: FinetuneConfig | None = None,
+    *,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
     **options: Any,
 ) -> FinetuneResult:
     """Train ``model`` in place and write checkpoints, metrics and a plot to ``out_dir``.
@@ -727,6 +734,8 @@ def finetune(
     keywords (keywords win): ``finetune(model, train, val, "runs/a", epochs=5, lr=3e-4)``.
     The loaders' datasets, batch size (per process) and workers are used; their order is
     replaced by one fixed by ``seed`` and epoch, so that ``resume=True`` is exact.
+    ``on_epoch`` receives each epoch's record on the primary process instead of its line being
+    printed (``compare`` shows one progress bar for all its runs).
     Raises :class:`LossNotFinite` when the loss diverges, and before training the
     ``CheckpointError`` that saving the model would raise.
     """
@@ -747,6 +756,8 @@ def finetune(
             device = _device(config.device, world)
             random_seed(config.seed, world.rank)
             run = _Run(model, train_loader, val_loader, out_dir, config, world, device)
+            if on_epoch is not None:
+                run.on_epoch = on_epoch
             if config.resume and state_path.exists():
                 try:
                     run.load_state_dict(_load_state(state_path))

@@ -5,18 +5,25 @@ a :class:`Difference` with its verdict in words out. Intervals are Student-t int
 over seeds, which assume the per-seed values (or per-seed paired differences) are roughly
 normal and independent across seeds; with 3-5 seeds that is the honest statement of how
 little a few runs pin down.
+
+A comparison makes many paired tests at once (every variant against the baseline, on
+every metric); :func:`holm` decides their verdicts together with Holm's step-down
+procedure, so that the chance of calling any difference that is noise stays at 5 % for
+the whole family, while each difference keeps its own 95 % interval.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from scipy.stats import t as student_t
 
-__all__ = ["CONFIDENCE", "MAX_SEEDS", "Difference", "Interval", "epochs_to", "median_ratio", "paired_difference",
-           "seeds_needed", "t_interval"]
+__all__ = ["CONFIDENCE", "MAX_SEEDS", "Difference", "Interval", "epochs_to", "holm", "median_ratio",
+           "paired_difference", "seeds_needed", "t_interval"]
 
 CONFIDENCE = 0.95
 MAX_SEEDS = 1000  # seeds_needed stops counting here: beyond it the difference is too small to chase
@@ -41,6 +48,7 @@ class Interval:
         return self.n >= 2 and (self.low > 0 or self.high < 0)
 
 
+@functools.lru_cache(maxsize=4096)  # a few confidence levels, n up to MAX_SEEDS: comparisons ask the same ones
 def _t_quantile(n: int, confidence: float) -> float:
     return float(student_t.ppf(0.5 + confidence / 2, n - 1))
 
@@ -67,10 +75,16 @@ def seeds_needed(mean: float, sd: float, confidence: float = CONFIDENCE) -> int 
     """
     if mean == 0 or not math.isfinite(sd):
         return None
-    for n in range(2, MAX_SEEDS + 1):
-        if _t_quantile(n, confidence) * sd / math.sqrt(n) < abs(mean):
-            return n
-    return None
+    def enough(n: int) -> bool:  # the half-width falls as n grows: bisect for the first n where it is enough
+        return _t_quantile(n, confidence) * sd / math.sqrt(n) < abs(mean)
+
+    if not enough(MAX_SEEDS):
+        return None
+    low, high = 1, MAX_SEEDS  # not enough(low) (one seed gives no interval), enough(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,9 @@ class Difference:
     interval: Interval
     verdict: str  # "better", "worse" or "not resolved at N seeds"
     seeds_needed: int | None  # for an unresolved difference: see :func:`seeds_needed`
+    p_value: float = math.nan  # two-sided paired t-test; nan with one seed
+    sd: float = math.nan  # standard deviation of the per-seed differences
+    higher_is_better: bool = True
 
     def explain(self, digits: int = 2) -> str:
         """The difference, its interval and the verdict in one phrase."""
@@ -106,12 +123,57 @@ def paired_difference(variant: Sequence[float], baseline: Sequence[float], *, hi
         raise ValueError(f"paired values need one per seed on both sides, got {len(variant)} and {len(baseline)}")
     differences = [v - b for v, b in zip(variant, baseline)]
     interval = t_interval(differences, confidence)
-    if interval.excludes_zero():
-        gain = interval.mean > 0 if higher_is_better else interval.mean < 0
-        return Difference(interval, "better" if gain else "worse", None)
     sd = statistics.stdev(differences) if len(differences) > 1 else math.inf
-    return Difference(interval, f"not resolved at {interval.n} seed{'s' if interval.n != 1 else ''}",
-                      seeds_needed(interval.mean, sd, confidence))
+    unresolved = Difference(interval, _unresolved(interval.n), None, _p_value(interval.mean, sd, interval.n), sd,
+                            higher_is_better)
+    return _decided(unresolved, interval.excludes_zero(), confidence)
+
+
+def _unresolved(n: int) -> str:
+    return f"not resolved at {n} seed{'s' if n != 1 else ''}"
+
+
+def _p_value(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of the paired t-test of ``mean == 0``; nan with fewer than 2 seeds."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * student_t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def _decided(difference: Difference, rejected: bool, confidence: float) -> Difference:
+    """``difference`` with the verdict a test at ``confidence`` gives: better or worse when ``rejected``,
+    else not resolved with the seeds the observed spread would need at that level."""
+    interval = difference.interval
+    if rejected:
+        gain = interval.mean > 0 if difference.higher_is_better else interval.mean < 0
+        return replace(difference, verdict="better" if gain else "worse", seeds_needed=None)
+    return replace(difference, verdict=_unresolved(interval.n),
+                   seeds_needed=seeds_needed(interval.mean, difference.sd, confidence))
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def holm(differences: Mapping[Key, Difference], confidence: float = CONFIDENCE) -> dict[Key, Difference]:
+    """The verdicts of a family of paired tests, decided together by Holm's step-down procedure.
+
+    With ``m`` tests and ``alpha = 1 - confidence``: order the p-values; the k-th smallest
+    (k = 1..m) is rejected while every one before it was and it is at most ``alpha / (m - k + 1)``.
+    The chance that any test of the family calls a difference that is noise is then at most
+    ``alpha``, whatever the dependence between the tests. An unresolved difference's
+    ``seeds_needed`` is counted at level ``alpha / m``, the level at which a test is rejected
+    whatever the others show. Intervals are left as they are (per comparison, at ``confidence``).
+    """
+    alpha, m = 1 - confidence, len(differences)
+    order = sorted(differences, key=lambda k: 1.0 if math.isnan(differences[k].p_value) else differences[k].p_value)
+    rejected: set[Key] = set()
+    for rank, key in enumerate(order):
+        if math.isnan(differences[key].p_value) or differences[key].p_value > alpha / (m - rank):
+            break
+        rejected.add(key)
+    return {key: _decided(d, key in rejected, 1 - alpha / m) for key, d in differences.items()}
 
 
 def epochs_to(history: Sequence[Mapping[str, float]], target: float, key: str = "val_acc") -> int | None:

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..checkpoint import create_timm_model, load
 from ..deploy import ExportReport, export_onnx
-from .compare import Comparison, Log, compare
-from .data import digits_loaders
+from ..train.compare import Comparison, Log, compare
+from ..train.data import digits_loaders
 
 __all__ = ["DemoConfig", "DemoResult", "FULL", "QUICK", "run_demo"]
 
@@ -45,11 +45,12 @@ class DemoResult:
     onnx: ExportReport
 
 
-def run_demo(out_dir: str | os.PathLike, config: DemoConfig = FULL, *, progress: bool = True,
+def run_demo(out_dir: str | os.PathLike, config: DemoConfig = FULL, *, progress: bool = True, verbose: bool = False,
              log: Log = print) -> DemoResult:
     """Compare ``config.model`` with its IC version on digits in ``out_dir`` (empty or absent), then
     export seed 0's trained IC model to ``out_dir/ic.onnx`` (``export_onnx`` checks it in
-    onnxruntime and raises ``ExportError`` if it differs)."""
+    onnxruntime and raises ``ExportError`` if it differs). One progress bar (``progress``); with
+    ``verbose`` a line per run and per epoch as well."""
     out_dir = Path(out_dir)
     train, test = digits_loaders(config.batch_size, config.img_size)
     size = f"{config.img_size}x{config.img_size}"
@@ -60,7 +61,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = FULL, *, progress:
         title="icrewrite demo: baseline vs IC on digits",
         description=f"{config.model} {config.model_args} from scratch on digits at {size}, {config.epochs} epochs, "
                     f"batch {config.batch_size}, AdamW lr {config.lr:g}, cosine schedule.",
-        log=log, epochs=config.epochs, lr=config.lr, progress=progress)
+        verbose=verbose, log=log, epochs=config.epochs, lr=config.lr, progress=progress)
     log("exporting seed 0's IC model to ONNX and checking it in onnxruntime")
     ic = load(comparison.run_dir("ic", 0) / "last.safetensors")
     report = export_onnx(ic, out_dir / "ic.onnx", input_size=(3, config.img_size, config.img_size))

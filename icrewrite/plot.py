@@ -1,4 +1,5 @@
-"""PNG plots of training runs: loss and accuracy per epoch.
+"""PNG plots: training runs (loss and accuracy per epoch, means over seeds), reliability diagrams,
+and the ``figure`` that other reports (``icrewrite.independence``) draw on.
 
 Uses matplotlib's object API (``Figure``, rendered by Agg), not ``pyplot``: no global
 state, no display needed, safe in worker processes and on headless machines.
@@ -12,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import require
-from ..files import atomic_path
+from .errors import require
+from .files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_history", "plot_mean_std"]
+__all__ = ["figure", "plot_history", "plot_mean_std", "plot_reliability"]
 
 Record = Mapping[str, float]
 
@@ -73,4 +74,29 @@ def plot_mean_std(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | os
         ax.set(xlabel="epoch", title=metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_reliability(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], eces: Mapping[str, float],
+                     path: str | os.PathLike) -> Path:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, one colour per
+    way of predicting, with the diagonal of perfect calibration; below it, the samples per bin.
+
+    ``curves[label]`` is ``(counts, mean confidence, accuracy)`` per bin (empty bins NaN), as
+    ``icrewrite.train.validate.reliability_bins`` returns; ``eces[label]`` goes in the legend.
+    """
+    fig = figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    top.plot([0, 1], [0, 1], "k:", label="perfect calibration")
+    for colour, (label, (counts, confidence, accuracy)) in enumerate(curves.items()):
+        filled = counts > 0
+        top.plot(confidence[filled], accuracy[filled], f"C{colour}o-",
+                 label=f"{label} (ECE {100 * eces[label]:.2f}%)")
+        edges = np.linspace(0, 1, len(counts) + 1)
+        bottom.stairs(counts, edges, color=f"C{colour}", label=label)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability")
+    bottom.set(xlabel="confidence (top-1 probability)", ylabel="samples")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize="small")
     return _save(fig, path)
