@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     layer_name, layer = next((n, m) for n, m in ic_model.named_modules() if isinstance(m, ICWeightLayer))
     print(f"\n{layer_name} is now {type(layer).__name__}, still a {ic_base(type(layer)).__name__} "
           f"(isinstance: {isinstance(layer, ic_base(type(layer)))}); its input passes through\n  {layer.ic}")
-    print(f"conversion options recorded on the model: {ic_model.icrewrite_options}")
+    print(f"conversion options recorded on the model: {icrewrite.rewrite.options_of(ic_model)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from ._clone import clone_module
 from ._edits import ApplyContext, Phase, fold_bn_into
 from ._init_stats import calibrate
 from ._inputs import check_convert_arguments
-from ._plan import Options, Plan, make_plan
+from ._plan import Options, Plan, make_plan, options_of
 
 __all__ = ["convert", "replay", "apply", "fold_bn_into", "options_of", "plan_of"]
 
@@ -129,11 +129,6 @@ def _convert_by(target: nn.Module, the_plan: Plan, calibration: Iterable | torch
     target.icrewrite_options = the_plan.options.to_dict()
     target.icrewrite_plan = the_plan.to_dict()
     return target
-
-
-def options_of(model: nn.Module) -> dict[str, Any] | None:
-    """The options a converted model was made with (``None`` for a model icrewrite did not convert)."""
-    return getattr(model, "icrewrite_options", None)
 
 
 def plan_of(model: nn.Module) -> Plan | None:

@@ -65,6 +65,11 @@ NOTE_KINDS = (
 )
 
 
+def options_of(model: nn.Module) -> dict[str, Any] | None:
+    """The options a converted model was made with (``None`` for a model icrewrite did not convert)."""
+    return getattr(model, "icrewrite_options", None)
+
+
 def matches(name: str, pattern: str) -> bool:
     """``name`` matches an ``exclude``/``p_overrides`` key: an fnmatch pattern or a module prefix."""
     return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.startswith(pattern + ".")
@@ -406,7 +411,7 @@ def make_plan(model: nn.Module, options: Options, analysis: Analysis | None = No
         options=options,
         params_before=sum(p.numel() for p in model.parameters()),
     )
-    recorded = getattr(model, "icrewrite_options", None)
+    recorded = options_of(model)
     if recorded is not None:  # converted by icrewrite: converting again changes nothing
         result.present = [n for n, m in model.named_modules() if isinstance(m, ICWeightLayer)]
         result.notes.append(Note("<model>", "already-converted",
