@@ -23,7 +23,7 @@ from icrewrite.rewrite import TOLERANCE
 from nets import PATTERNS
 
 checks_module = importlib.import_module("icrewrite.testing")  # where check_conversion finds `convert`
-apply_module = importlib.import_module("icrewrite.rewrite._apply")  # where convert finds `fold_bn_into`
+edits_module = importlib.import_module("icrewrite.rewrite._edits")  # where the fold-norm edit finds `fold_bn_into`
 
 
 class RunningStatsNorm(ICBatchNorm):
@@ -141,14 +141,14 @@ def test_float32_rounding_of_an_ill_conditioned_model_is_told_from_a_wrong_conve
 
 
 def test_a_slightly_wrong_fold_fails_in_float64_too(monkeypatch):
-    fold = apply_module.fold_bn_into
+    fold = edits_module.fold_bn_into
 
     def wrong_fold(layer: nn.Module, norm: nn.Module) -> None:
         fold(layer, norm)
         with torch.no_grad():
             layer.weight.mul_(1.001)
 
-    monkeypatch.setattr(apply_module, "fold_bn_into", wrong_fold)
+    monkeypatch.setattr(edits_module, "fold_bn_into", wrong_fold)
     result = check_conversion(PATTERNS["chain"](), torch.randn(8, 3, 16, 16))
     assert result.rel_error > TOLERANCE and result.rel_error_float64 > TOLERANCE
     assert any(f.startswith("eval output changed") and "in float64" in f for f in result.failures), result.failures
