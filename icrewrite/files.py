@@ -260,6 +260,16 @@ def _publish_replacing(tmp: Path, path: Path) -> None:
     shutil.rmtree(tmp)  # the old folder, now under the temporary name
 
 
+def _publish(tmp: Path, path: Path, force: bool, error: type[ICRewriteError]) -> None:
+    """Finish ``tmp`` (permissions, flushed) and rename it to ``path``: replacing what is there
+    with ``force``, else only if nothing is."""
+    _finish(tmp)
+    if force:
+        _publish_replacing(tmp, path)
+    else:
+        _publish_new(tmp, path, error)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = True, error: type[ICRewriteError] = ICRewriteError
                 ) -> Iterator[Path]:
@@ -276,11 +286,7 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True, error: type[ICRe
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     try:
         yield tmp
-        _finish(tmp)
-        if force:
-            _publish_replacing(tmp, path)
-        else:
-            _publish_new(tmp, path, error)
+        _publish(tmp, path, force, error)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -300,11 +306,7 @@ def atomic_folder(path: str | os.PathLike, *, force: bool = False, replaces: Col
     tmp.mkdir(0o777)
     try:
         yield tmp
-        _finish(tmp)
-        if force:
-            _publish_replacing(tmp, path)
-        else:
-            _publish_new(tmp, path, error)
+        _publish(tmp, path, force, error)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
