@@ -102,6 +102,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` for a block that may switch any of its modules between train and eval mode;
+    afterwards each module is back in the mode it was in."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def _eval_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with eval_mode(model):
