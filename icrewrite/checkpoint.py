@@ -45,6 +45,7 @@ from .errors import CheckpointError, ConversionError, ICRewriteError, few, short
 from .files import atomic_folder, atomic_path
 from .files import refuse_overwrite as _refuse_overwrite  # save's outputs: check_writable
 from .rewrite import Options, Plan, Report, convert, eval_mode, options_of, output_tensors, replay
+from .rewrite._edits import Reader
 from .rewrite._inputs import check_model_usable
 
 __all__ = [
@@ -345,9 +346,9 @@ class CheckpointConfig:
         return {"pretrained": False, "pretrained_cfg_overlay": self.pretrained_cfg, **self.model_args}
 
 
-class _Fields:
-    """Typed access to a JSON object read from a file; each problem is one ``CheckpointError``
-    naming the file and the field."""
+class _Fields(Reader):
+    """Typed access to a JSON object read from a file (a plan ``Reader`` whose problems are each
+    one ``CheckpointError`` naming the file and the field)."""
 
     def __init__(self, data: Any, where: str, source: str | os.PathLike, allowed: tuple[str, ...] | None = None
                  ) -> None:
@@ -362,18 +363,6 @@ class _Fields:
     def error(self, message: str, key: str | None = None) -> CheckpointError:
         where = f"{self.where}.{key}" if key and self.where != "config" else (key or self.where)
         return CheckpointError(f"{self.source}: malformed checkpoint config: {where}: {message}")
-
-    def get(self, key: str, *types: type, default: Any = ...) -> Any:
-        """The value of ``key``, of exactly one of ``types`` (``True`` is not an ``int``)."""
-        if key not in self.data:
-            if default is ...:
-                raise self.error("missing", key)
-            return default
-        value = self.data[key]
-        if type(value) not in types:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise self.error(f"expected {names}, got {type(value).__name__}", key)
-        return value
 
     def check_value(self, value: Any, key: str, depth: int = 0) -> None:
         """A JSON value of bounded depth whose integers are within ``_MAX_INT`` and numbers finite."""
