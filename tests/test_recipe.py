@@ -297,6 +297,8 @@ def test_config_file_and_command_line_combine_as_documented(tmp_path: Path, in_f
     ("lr: fast\n", "lr must be of type float"),
     ("ema: 3\n", "ema must be true or false"),
     ("amp: fp8\n", "amp must be one of bf16, fp16, none"),
+    ("num-classes: 0\n", "num-classes: must be at least 1, got 0"),
+    ("num_classes: ten\n", "num_classes: expected an integer, got 'ten'"),
     ("- lr\n", "must be a mapping"),
 ])
 def test_a_bad_config_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
