@@ -30,9 +30,8 @@ from icrewrite.errors import MissingExtra
 from icrewrite.train.data import DigitsDataset, make_dataset
 from icrewrite.train.loop import STATE_FILE, FinetuneConfig, World, _Run, finetune
 
+from nets import tiny_digit_loaders as loaders, tiny_resnet as tiny
 from test_examples import subprocess_env
-
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
 
 
 @pytest.fixture(autouse=True)
@@ -43,22 +42,10 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny(**convert: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_timm_model("resnet18", **TINY)
-    return icrewrite.convert(model, init="fresh", **convert) if convert else model
-
-
 def vit() -> torch.nn.Module:
     """A model in which every sample is computed alone (LayerNorm, no BatchNorm, no dropout)."""
     torch.manual_seed(0)
     return create_timm_model("test_vit", img_size=8, patch_size=4, num_classes=10)
-
-
-def loaders(batch_size: int = 32, samples: int = 128, img_size: int = 8) -> tuple[DataLoader, DataLoader]:
-    train = DataLoader(Subset(DigitsDataset("train", img_size), range(samples)), batch_size=batch_size,
-                       drop_last=True)
-    return train, DataLoader(Subset(DigitsDataset("test", img_size), range(64)), batch_size=64)
 
 
 def new_run(model: torch.nn.Module, tmp_path: Path, batch_size: int = 32, **options: object) -> _Run:
