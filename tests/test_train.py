@@ -20,9 +20,8 @@ from icrewrite.errors import CheckpointError
 from icrewrite.train.data import digits_loaders
 from icrewrite.train.loop import STATE_FILE, LossNotFinite, TrainingError, finetune
 
+from nets import TINY
 from test_examples import subprocess_env
-
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
 
 # One training run as its own process: the way a user's job runs, so it can be killed.
 SCRIPT = """
