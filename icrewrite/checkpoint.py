@@ -327,7 +327,7 @@ class CheckpointConfig:
         pretrained_cfg = top.get("pretrained_cfg", dict, type(None), default=None)
         if pretrained_cfg is not None:
             for key, value in pretrained_cfg.items():
-                top.check_value(value, f"pretrained_cfg.{key}")
+                top.check_value(value, f"pretrained_cfg.{repr(key)[1:-1]}")
             if "input_size" in pretrained_cfg:
                 top.check_sizes(pretrained_cfg["input_size"], "pretrained_cfg.input_size", length=(3,))
         options = section.get("options", dict, type(None))
@@ -369,8 +369,8 @@ class _Fields(Reader):
         if depth > _JSON_DEPTH:
             raise self.error("nested too deeply", key)
         if isinstance(value, dict):
-            for k, v in value.items():
-                self.check_value(v, f"{key}.{k}", depth + 1)
+            for k, v in value.items():  # a key as JSON could spell it, so the message stays one line
+                self.check_value(v, f"{key}.{repr(k)[1:-1]}", depth + 1)
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 self.check_value(v, f"{key}[{i}]", depth + 1)
