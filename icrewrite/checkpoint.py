@@ -639,8 +639,11 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     The recorded config is parsed and checked first (``CheckpointConfig``), and the model it
     describes compared with the file's tensor shapes on the meta device, before it is built."""
-    path = Path(path)
-    config = read_checkpoint_config(path)
+    return _load(Path(path), read_checkpoint_config(path))
+
+
+def _load(path: Path, config: CheckpointConfig) -> nn.Module:
+    """:func:`load` of ``path``, whose config has been read as ``config``."""
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     _check_fits(config, weights)
     model = _rebuild(config, path)
@@ -654,8 +657,8 @@ def check(path: str | os.PathLike) -> tuple[nn.Module, float]:
     Returns the model and the max abs error relative to max |recorded output|; above
     ``icrewrite.verify.TOLERANCE`` the file no longer computes what was saved.
     """
-    model = load(path)
-    probe = read_checkpoint_config(path).probe
+    config = read_checkpoint_config(path)
+    model, probe = _load(Path(path), config), config.probe
     x = _seeded_batch([1, *probe.input_size], probe.seed, next(model.parameters()).device)
     expected = torch.tensor(probe.values)
     try:
