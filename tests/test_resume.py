@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,7 @@ from icrewrite.train.loop import STATE_FILE, FinetuneConfig, TrainingError, fine
 from nets import TINY, tiny_digit_loaders as loaders, tiny_resnet as tiny
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
