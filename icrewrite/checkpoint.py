@@ -41,10 +41,11 @@ from torch import nn
 
 from . import __version__, model_info
 from .compat import create_model, load_state_dict, model_args_recorded, parse_model_name, save_config_for_hf
-from .errors import CheckpointError, ConversionError, ICRewriteError
+from .errors import CheckpointError, ConversionError, ICRewriteError, few, shortened
 from .files import atomic_folder, atomic_path
 from .files import refuse_overwrite as _refuse_overwrite  # save's outputs: check_writable
 from .rewrite import Options, Plan, Report, convert, eval_mode, options_of, output_tensors, replay
+from .rewrite._edits import Reader
 from .rewrite._inputs import check_model_usable
 
 __all__ = [
@@ -67,14 +68,7 @@ WEIGHTS_NAME = "model.safetensors"  # file names of the Hugging Face/timm folder
 CONFIG_NAME = "config.json"
 _METADATA_KEY = "icrewrite_config"  # safetensors metadata entry holding the config as JSON
 _PROBE_VALUES = 64  # output values a checkpoint records to check that it reproduces its model
-_SHOWN = 3  # names listed in an error message before "and N more"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".tar", ".bin", ".pt", ".ckpt")
-
-
-def _few(items: list[str], shown: int = _SHOWN) -> str:
-    """``"a, b, c and 4 more"``: a list short enough for a one-line message."""
-    head = ", ".join(items[:shown])
-    return f"{head} and {len(items) - shown} more" if len(items) > shown else head
 
 
 # --- reading weights -----------------------------------------------------------------
@@ -92,7 +86,7 @@ def _read_error(path: Path, err: BaseException, unsafe_pickle: bool) -> Checkpoi
         blocked = re.findall(r"GLOBAL ([\w.]+)", str(rejected))
         if blocked:
             return CheckpointError(
-                f"{path}: refused to unpickle: the file would import {_few(blocked)}, and loading it could run "
+                f"{path}: refused to unpickle: the file would import {few(blocked)}, and loading it could run "
                 "code; nothing from it was executed. Pass --unsafe-pickle (unsafe_pickle=True) only for a file "
                 "you trust")
         return CheckpointError(
@@ -139,7 +133,7 @@ def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     others = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if others:
         raise CheckpointError(f"{path}: holds no state dict: {len(others)} entries are not tensors "
-                              f"({_few(others)}); expected tensors, or one of the keys state_dict, model, "
+                              f"({few(others)}); expected tensors, or one of the keys state_dict, model, "
                               "state_dict_ema, model_ema")
     return dict(state_dict)
 
@@ -160,12 +154,12 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, 
         return
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+        problems.append(f"{len(missing)} missing keys ({few(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
     if mismatched:
         shapes = [f"{k}: file {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}" for k in mismatched]
-        problems.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
+        problems.append(f"{len(mismatched)} shape mismatches ({few(shapes)})")
     message = f"{source} does not fit {model_info.architecture(model)}: " + "; ".join(problems)
     matching = len(expected) - len(missing) - len(mismatched)
     if matching < len(expected) / 2:
@@ -185,22 +179,18 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         source, model_id = parse_model_name(name)
     except ValueError as err:
-        raise CheckpointError(f"{_shown(name)}: no such file or folder, and not a timm model name ({err})") from err
+        raise CheckpointError(f"{shortened(name, 80)}: no such file or folder, and not a timm model name ({err})"
+                              ) from err
     if source is None:
         architecture = split_model_name_tag(model_id)[0]
         if not timm.is_model(architecture):
             close = difflib.get_close_matches(architecture, timm.list_models(), n=5)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-            raise CheckpointError(f"unknown timm model {_shown(architecture)!r}{hint}")
+            raise CheckpointError(f"unknown timm model {shortened(architecture, 80)!r}{hint}")
     try:  # model constructors reject bad arguments and unreachable weights in many ways
         return create_model(name, **kwargs)
     except (RuntimeError, ValueError, TypeError, OSError, AssertionError) as err:
-        raise CheckpointError(f"cannot create {_shown(name)}: {' '.join(str(err).split())[:200]}") from err
-
-
-def _shown(name: str, most: int = 80) -> str:
-    """``name`` short enough for a one-line message."""
-    return name if len(name) <= most else f"{name[:most - 20]}...{name[-12:]}"
+        raise CheckpointError(f"cannot create {shortened(name, 80)}: {' '.join(str(err).split())[:200]}") from err
 
 
 def _local_path(source: str | os.PathLike) -> Path | None:
@@ -210,7 +200,7 @@ def _local_path(source: str | os.PathLike) -> Path | None:
     try:
         return path if path.exists() else None
     except OSError as err:  # a name longer than the file system allows, a path through a file
-        raise CheckpointError(f"{_shown(text)}: not a file or folder ({err.strerror}), and not a timm model "
+        raise CheckpointError(f"{shortened(text, 80)}: not a file or folder ({err.strerror}), and not a timm model "
                               "name") from err
 
 
@@ -337,7 +327,7 @@ class CheckpointConfig:
         pretrained_cfg = top.get("pretrained_cfg", dict, type(None), default=None)
         if pretrained_cfg is not None:
             for key, value in pretrained_cfg.items():
-                top.check_value(value, f"pretrained_cfg.{key}")
+                top.check_value(value, f"pretrained_cfg.{repr(key)[1:-1]}")
             if "input_size" in pretrained_cfg:
                 top.check_sizes(pretrained_cfg["input_size"], "pretrained_cfg.input_size", length=(3,))
         options = section.get("options", dict, type(None))
@@ -356,9 +346,9 @@ class CheckpointConfig:
         return {"pretrained": False, "pretrained_cfg_overlay": self.pretrained_cfg, **self.model_args}
 
 
-class _Fields:
-    """Typed access to a JSON object read from a file; each problem is one ``CheckpointError``
-    naming the file and the field."""
+class _Fields(Reader):
+    """Typed access to a JSON object read from a file (a plan ``Reader`` whose problems are each
+    one ``CheckpointError`` naming the file and the field)."""
 
     def __init__(self, data: Any, where: str, source: str | os.PathLike, allowed: tuple[str, ...] | None = None
                  ) -> None:
@@ -367,32 +357,20 @@ class _Fields:
             raise self.error(f"expected an object, got {type(data).__name__}")
         unknown = [str(k) for k in data if allowed is not None and k not in allowed]
         if unknown:
-            raise self.error(f"unknown {_few(unknown)} (known: {', '.join(allowed or ())})")
+            raise self.error(f"unknown {few(unknown)} (known: {', '.join(allowed or ())})")
         self.data = data
 
     def error(self, message: str, key: str | None = None) -> CheckpointError:
         where = f"{self.where}.{key}" if key and self.where != "config" else (key or self.where)
         return CheckpointError(f"{self.source}: malformed checkpoint config: {where}: {message}")
 
-    def get(self, key: str, *types: type, default: Any = ...) -> Any:
-        """The value of ``key``, of exactly one of ``types`` (``True`` is not an ``int``)."""
-        if key not in self.data:
-            if default is ...:
-                raise self.error("missing", key)
-            return default
-        value = self.data[key]
-        if type(value) not in types:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise self.error(f"expected {names}, got {type(value).__name__}", key)
-        return value
-
     def check_value(self, value: Any, key: str, depth: int = 0) -> None:
         """A JSON value of bounded depth whose integers are within ``_MAX_INT`` and numbers finite."""
         if depth > _JSON_DEPTH:
             raise self.error("nested too deeply", key)
         if isinstance(value, dict):
-            for k, v in value.items():
-                self.check_value(v, f"{key}.{k}", depth + 1)
+            for k, v in value.items():  # a key as JSON could spell it, so the message stays one line
+                self.check_value(v, f"{key}.{repr(k)[1:-1]}", depth + 1)
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 self.check_value(v, f"{key}[{i}]", depth + 1)
@@ -501,7 +479,7 @@ def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
                   for k in actual if k in expected and actual[k].shape != expected[k].shape]
         if not (missing or unexpected or shapes):
             return
-        problem = "; ".join(f"{len(items)} {what} ({_few(items)})" for what, items in
+        problem = "; ".join(f"{len(items)} {what} ({few(items)})" for what, items in
                             (("keys missing", missing), ("extra keys", unexpected), ("shape mismatches", shapes))
                             if items)
     raise CheckpointError(
@@ -661,8 +639,11 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     The recorded config is parsed and checked first (``CheckpointConfig``), and the model it
     describes compared with the file's tensor shapes on the meta device, before it is built."""
-    path = Path(path)
-    config = read_checkpoint_config(path)
+    return _load(Path(path), read_checkpoint_config(path))
+
+
+def _load(path: Path, config: CheckpointConfig) -> nn.Module:
+    """:func:`load` of ``path``, whose config has been read as ``config``."""
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     _check_fits(config, weights)
     model = _rebuild(config, path)
@@ -676,8 +657,8 @@ def check(path: str | os.PathLike) -> tuple[nn.Module, float]:
     Returns the model and the max abs error relative to max |recorded output|; above
     ``icrewrite.verify.TOLERANCE`` the file no longer computes what was saved.
     """
-    model = load(path)
-    probe = read_checkpoint_config(path).probe
+    config = read_checkpoint_config(path)
+    model, probe = _load(Path(path), config), config.probe
     x = _seeded_batch([1, *probe.input_size], probe.seed, next(model.parameters()).device)
     expected = torch.tensor(probe.values)
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
 
 
@@ -44,3 +45,14 @@ def require(module: str, extra: str) -> ModuleType:
     except ImportError as err:
         raise MissingExtra(f"{module.partition('.')[0]} is not installed; it comes with "
                            f"pip install 'icrewrite[{extra}]'") from err
+
+
+def few(items: Sequence[str], shown: int = 3) -> str:
+    """``"a, b, c and 4 more"``: a list short enough for a one-line message."""
+    head = ", ".join(items[:shown])
+    return f"{head} and {len(items) - shown} more" if len(items) > shown else head
+
+
+def shortened(name: str, most: int) -> str:
+    """``name`` elided in the middle when longer than ``most`` characters: short enough for a one-line message."""
+    return name if len(name) <= most else f"{name[:most - 20]}...{name[-12:]}"

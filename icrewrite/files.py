@@ -28,7 +28,7 @@ import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from .errors import ICRewriteError
+from .errors import ICRewriteError, few, shortened
 
 __all__ = ["refuse_overwrite", "atomic_path", "atomic_folder", "scratch_folder", "clean_stale", "TEMP_PREFIX"]
 
@@ -71,11 +71,6 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 # --- checks before any work ---------------------------------------------------------------
 
 
-def _few(items: list[str], shown: int = 3) -> str:
-    head = ", ".join(items[:shown])
-    return f"{head} and {len(items) - shown} more" if len(items) > shown else head
-
-
 def _existing_ancestor(path: Path) -> Path:
     folder = path.absolute().parent
     while not folder.exists():
@@ -90,9 +85,8 @@ def _check_names(path: Path, error: type[ICRewriteError]) -> None:
         limit = os.pathconf(_existing_ancestor(path), "PC_NAME_MAX")
     long = [part for part in path.parts if len(os.fsencode(part)) > limit]
     if long:
-        shown = long[0] if len(long[0]) <= 60 else f"{long[0][:40]}...{long[0][-12:]}"
-        raise error(f"{shown}: name too long for the file system ({len(os.fsencode(long[0]))} bytes, at most "
-                    f"{limit})")
+        raise error(f"{shortened(long[0], 60)}: name too long for the file system ({len(os.fsencode(long[0]))} bytes, "
+                    f"at most {limit})")
 
 
 def _check_writable(path: Path, error: type[ICRewriteError]) -> None:
@@ -132,7 +126,7 @@ def refuse_overwrite(path: str | os.PathLike, *, folder: bool = False, force: bo
             raise error(f"output exists: {path}; pass --force (force=True) to overwrite it")
         others = [name for name in contents if name not in replaces] if folder else []
         if others:
-            raise error(f"{path} holds other files ({_few(others)}); it is not replaced: choose another output")
+            raise error(f"{path} holds other files ({few(others)}); it is not replaced: choose another output")
     _check_writable(path, error)
     return path
 
@@ -266,6 +260,16 @@ def _publish_replacing(tmp: Path, path: Path) -> None:
     shutil.rmtree(tmp)  # the old folder, now under the temporary name
 
 
+def _publish(tmp: Path, path: Path, force: bool, error: type[ICRewriteError]) -> None:
+    """Finish ``tmp`` (permissions, flushed) and rename it to ``path``: replacing what is there
+    with ``force``, else only if nothing is."""
+    _finish(tmp)
+    if force:
+        _publish_replacing(tmp, path)
+    else:
+        _publish_new(tmp, path, error)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = True, error: type[ICRewriteError] = ICRewriteError
                 ) -> Iterator[Path]:
@@ -282,11 +286,7 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True, error: type[ICRe
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     try:
         yield tmp
-        _finish(tmp)
-        if force:
-            _publish_replacing(tmp, path)
-        else:
-            _publish_new(tmp, path, error)
+        _publish(tmp, path, force, error)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -306,11 +306,7 @@ def atomic_folder(path: str | os.PathLike, *, force: bool = False, replaces: Col
     tmp.mkdir(0o777)
     try:
         yield tmp
-        _finish(tmp)
-        if force:
-            _publish_replacing(tmp, path)
-        else:
-            _publish_new(tmp, path, error)
+        _publish(tmp, path, force, error)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

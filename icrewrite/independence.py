@@ -41,6 +41,7 @@ from .errors import ICRewriteError
 from .files import atomic_path
 from .layers import IC, ICWeightLayer, feature_columns
 from .registry import is_weight_layer, weight_layer_features
+from .rewrite import modes_kept
 from .plot import figure
 
 __all__ = [
@@ -353,16 +354,14 @@ def _train_mode_without_updates(model: nn.Module) -> Iterator[None]:
     """Train mode without side effects: buffers (BatchNorm running statistics) and each
     module's training flag are restored afterwards, gradients are off."""
     buffers = [(b, b.clone()) for b in model.buffers()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
-        for module, training in modes:
-            module.training = training
+    with modes_kept(model):
+        model.train()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 @contextlib.contextmanager

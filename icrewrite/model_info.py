@@ -10,7 +10,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["architecture", "timm_architecture", "input_size", "classifier_names", "DEFAULT_INPUT_SIZE"]
+__all__ = ["architecture", "timm_architecture", "input_size", "classifier_names", "class_names", "label_names",
+           "DEFAULT_INPUT_SIZE"]
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)  # timm's default, for models that record none
 
@@ -50,3 +51,17 @@ def classifier_names(model: nn.Module) -> set[str]:
             head = None
         names.update(n for n, m in model.named_modules() if head is not None and m is head)
     return {n for n in names if n}
+
+
+def label_names(names: Any) -> list[str] | None:
+    """Class names as timm's config records them (``label_names``: a list, or ``{index: name}``), in
+    class-index order; None when there are none."""
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names, key=int)] if names else None
+    return [str(name) for name in names] if names else None
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """What the model's outputs mean, ``pretrained_cfg["label_names"]`` (``finetune`` records its
+    data's class names there), else None."""
+    return label_names(_cfg(model).get("label_names"))

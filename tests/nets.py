@@ -5,6 +5,11 @@ import timm
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import icrewrite
+from icrewrite.checkpoint import create_timm_model
+from icrewrite.train.data import DigitsDataset
 
 
 class ConvBnRelu(nn.Sequential):
@@ -126,3 +131,21 @@ def timm_model(name: str, **kwargs) -> nn.Module:
     if name.startswith("vit"):
         kwargs.setdefault("img_size", 32)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
+
+
+def tiny_resnet(**convert: object) -> nn.Module:
+    """The quarter-width resnet18 with weights seeded 0 (recording its arguments, for checkpoints);
+    converted with ``init="fresh"`` and ``convert`` when options are given."""
+    torch.manual_seed(0)
+    model = create_timm_model("resnet18", **TINY)
+    return icrewrite.convert(model, init="fresh", **convert) if convert else model
+
+
+def tiny_digit_loaders(batch_size: int = 32, samples: int = 128, img_size: int = 8) -> tuple[DataLoader, DataLoader]:
+    """``samples`` training digits in full batches, and 64 test digits in one batch, at ``img_size``."""
+    train = DataLoader(Subset(DigitsDataset("train", img_size), range(samples)), batch_size=batch_size,
+                       drop_last=True)
+    return train, DataLoader(Subset(DigitsDataset("test", img_size), range(64)), batch_size=64)

@@ -91,3 +91,15 @@ def test_a_folder_where_no_image_decodes_is_one_line_and_leaves_no_output(
     error = err.strip().splitlines()[-1]
     assert error == f"error: cannot decode image {tmp_path / 'data' / 'a' / '0.jpg'}: not an image file PIL can read"
     assert not out.exists()
+
+
+def test_class_names_recorded_as_index_mapping_read_in_index_order() -> None:
+    """timm also records label names as ``{index: name}``: the model, its file and the ONNX metadata read
+    them in class-index order, not as the mapping's keys."""
+    from icrewrite import model_info
+
+    model = torch.nn.Linear(2, 3)
+    model.pretrained_cfg = {"label_names": {"2": "dog", "0": "ant", "1": "cat"}}
+    assert model_info.class_names(model) == model_class_names(model) == ["ant", "cat", "dog"]
+    assert model_info.class_names(torch.nn.Linear(2, 3)) is None
+    assert model_info.label_names([]) is None and model_info.label_names([0, 1]) == ["0", "1"]

@@ -96,6 +96,9 @@ CASES = {  # name: (argv, with {x} the prepared path, the expected part of the e
                               "--calibrate-batches: must be at least 1"),
     "--opset 0": (lambda d: ["export", *MODEL, "-o", "m.onnx", "--opset", "0"], "--opset: must be at least 1"),
     "stats --bins 0": (lambda d: ["stats", *MODEL, "--bins", "0"], "--bins: must be at least 1"),
+    "compare --seeds 0": (lambda d: ["compare", *MODEL, "-o", "cmp", "--seeds", "0"], "--seeds: must be at least 1"),
+    "compare --mc-samples -1": (lambda d: ["compare", *MODEL, "-o", "cmp", "--mc-samples", "-1"],
+                                "--mc-samples: must be at least 0, got -1"),
     "no command": (lambda d: [], "the following arguments are required: COMMAND"),
 }
 

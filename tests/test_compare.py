@@ -26,10 +26,9 @@ from icrewrite.train.compare import Comparison, ComparisonError, compare, parse_
 from icrewrite.train.data import DigitsDataset
 from icrewrite.train.significance import (epochs_to, holm, median_ratio, paired_difference, seeds_needed,
                                          t_interval)
+from nets import TINY
 from test_data import write_digits_folder
 from test_examples import subprocess_env
-
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
 
 
 # -- statistics ---------------------------------------------------------------------------------

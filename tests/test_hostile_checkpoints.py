@@ -158,6 +158,8 @@ CASES = [  # (edit, the message)
     (lambda c: c["icrewrite"]["probe"].update(seed=-1), r"icrewrite.probe.seed: -1 is not a seed"),
     (lambda c: c["pretrained_cfg"].update(input_size=[3, 0, 160]), r"pretrained_cfg.input_size: expected 3 sizes"),
     (lambda c: c.update(icrewrite=[]), r"icrewrite: expected dict, got list"),
+    (lambda c: c["model_args"].update(num_classes={"\n": 10**7}), r"model_args.num_classes.\\n: 10000000 is out of"),
+    (lambda c: c["pretrained_cfg"].update({"\r": 10**7}), r"pretrained_cfg.\\r: 10000000 is out of range"),
 ]
 
 

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,35 +29,17 @@ from icrewrite.errors import MissingExtra
 from icrewrite.train.data import DigitsDataset, make_dataset
 from icrewrite.train.loop import STATE_FILE, FinetuneConfig, World, _Run, finetune
 
+from nets import tiny_digit_loaders as loaders, tiny_resnet as tiny
 from test_examples import subprocess_env
 
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(**convert: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_timm_model("resnet18", **TINY)
-    return icrewrite.convert(model, init="fresh", **convert) if convert else model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vit() -> torch.nn.Module:
     """A model in which every sample is computed alone (LayerNorm, no BatchNorm, no dropout)."""
     torch.manual_seed(0)
     return create_timm_model("test_vit", img_size=8, patch_size=4, num_classes=10)
-
-
-def loaders(batch_size: int = 32, samples: int = 128, img_size: int = 8) -> tuple[DataLoader, DataLoader]:
-    train = DataLoader(Subset(DigitsDataset("train", img_size), range(samples)), batch_size=batch_size,
-                       drop_last=True)
-    return train, DataLoader(Subset(DigitsDataset("test", img_size), range(64)), batch_size=64)
 
 
 def new_run(model: torch.nn.Module, tmp_path: Path, batch_size: int = 32, **options: object) -> _Run:
@@ -297,6 +278,8 @@ def test_config_file_and_command_line_combine_as_documented(tmp_path: Path, in_f
     ("lr: fast\n", "lr must be of type float"),
     ("ema: 3\n", "ema must be true or false"),
     ("amp: fp8\n", "amp must be one of bf16, fp16, none"),
+    ("num-classes: 0\n", "num-classes: must be at least 1, got 0"),
+    ("num_classes: ten\n", "num_classes: expected an integer, got 'ten'"),
     ("- lr\n", "must be a mapping"),
 ])
 def test_a_bad_config_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,

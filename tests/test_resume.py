@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,36 +11,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 import icrewrite
 from icrewrite.checkpoint import create_timm_model
 from icrewrite.cli import main
 from icrewrite.errors import DataError
-from icrewrite.train.data import DigitsDataset
 from icrewrite.train.loop import STATE_FILE, FinetuneConfig, TrainingError, finetune
 
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+from nets import TINY, tiny_digit_loaders as loaders, tiny_resnet as tiny
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(**convert: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_timm_model("resnet18", **TINY)
-    return icrewrite.convert(model, init="fresh", **convert) if convert else model
-
-
-def loaders(batch_size: int = 32, img_size: int = 8, samples: int = 128) -> tuple[DataLoader, DataLoader]:
-    train = DataLoader(Subset(DigitsDataset("train", img_size), range(samples)), batch_size=batch_size,
-                       drop_last=True)
-    return train, DataLoader(Subset(DigitsDataset("test", img_size), range(64)), batch_size=64)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,8 @@ from icrewrite.errors import CheckpointError
 from icrewrite.train.data import digits_loaders
 from icrewrite.train.loop import STATE_FILE, LossNotFinite, TrainingError, finetune
 
+from nets import TINY
 from test_examples import subprocess_env
-
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
 
 # One training run as its own process: the way a user's job runs, so it can be killed.
 SCRIPT = """
@@ -52,13 +50,7 @@ if mode == "ddp":
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Training on one thread: on a busy shared machine two threads per process mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model() -> torch.nn.Module:

@@ -21,7 +21,7 @@ from icrewrite.train.data import DigitsDataset
 from icrewrite.train.validate import (ECE_BINS, ValidationError, brier_score, expected_calibration_error, metrics,
                                       reliability_bins, validate)
 
-TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+from nets import TINY
 
 
 def _loader() -> DataLoader:

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from torch import nn
 
 from .. import __version__
-from ..errors import ICRewriteError
+from ..errors import ICRewriteError, shortened
 from ..rewrite import Options
 
 __all__ = [
@@ -183,17 +183,13 @@ def at_least(minimum: int) -> Callable[[str], int]:
 positive_int = at_least(1)  # every count and size on the command line that cannot be 0
 
 
-def _shown(name: str, most: int = 120) -> str:
-    return name if len(name) <= most else f"{name[:most - 20]}...{name[-12:]}"
-
-
 def describe_error(err: BaseException) -> str:
     """One line for an expected failure: the message of an ``ICRewriteError``, the file and
     the reason of an ``OSError``, what could not be decoded of a ``UnicodeError``."""
     if isinstance(err, ICRewriteError):
         text = str(err)
     elif isinstance(err, OSError) and err.strerror:
-        names = [_shown(str(n)) for n in (err.filename, err.filename2) if n is not None]
+        names = [shortened(str(n), 120) for n in (err.filename, err.filename2) if n is not None]
         text = f"{' -> '.join(names) + ': ' if names else ''}{err.strerror}"
     elif isinstance(err, UnicodeError):
         text = f"cannot decode the input as text ({err})"

@@ -10,7 +10,7 @@ import torch
 
 from ..train.data import num_classes
 from ..train.loop import is_primary
-from . import add_command, add_model_arguments, model_from_args, progress
+from . import add_command, add_model_arguments, at_least, model_from_args, positive_int, progress
 from .finetune import add_training_arguments, config_from_args, loaders_from_args, with_classes
 
 
@@ -41,14 +41,14 @@ def register(subparsers: Any) -> None:
                              "init, layout, stem, head, exclude with | between patterns; any field of "
                              "icrewrite.Options); IC variants default to init=fresh; variants are told apart by "
                              "their options, not their spelling (default baseline,ic)")
-    parser.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per variant (default 3)")
+    parser.add_argument("--seeds", type=positive_int, default=3, metavar="N", help="seeds per variant (default 3)")
     parser.add_argument("--target", type=float, default=95.0, metavar="PCT",
                         help="test accuracy (%%) for 'epochs to target' (default 95)")
-    parser.add_argument("--mc-samples", type=int, default=0, metavar="N",
+    parser.add_argument("--mc-samples", type=at_least(0), default=0, metavar="N",
                         help="also evaluate each run's final model as the mean of N Monte-Carlo-dropout passes "
                              "(dropout on, BatchNorm in eval mode) and compare its accuracy, NLL, ECE and Brier "
                              "score (default 0: off)")
-    parser.add_argument("--timing-rounds", type=int, default=20, metavar="N",
+    parser.add_argument("--timing-rounds", type=positive_int, default=20, metavar="N",
                         help="interleaved timing rounds per seed (default 20)")
     parser.add_argument("--verbose", action="store_true",
                         help="also print a line per run and per epoch (default: one progress bar for the comparison)")

@@ -192,12 +192,14 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
         items = value if isinstance(value, list) else [value]
         return [str(item) for item in items]
     if value is not None and action.type is not None:
+        if isinstance(value, bool):
+            raise wrong("a number")
         try:
-            value = action.type(value) if not isinstance(value, bool) else wrong("a number")
+            value = action.type(value)
         except (TypeError, ValueError) as err:
             raise wrong(f"of type {action.type.__name__}") from err
-        if isinstance(value, TrainingError):
-            raise value
+        except argparse.ArgumentTypeError as err:  # the option's own check (positive_int, at_least)
+            raise TrainingError(f"config file {path}: {key}: {err}") from err
     elif value is not None:
         value = str(value)
     if action.choices is not None and value not in action.choices:

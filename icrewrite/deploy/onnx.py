@@ -204,8 +204,8 @@ def _metadata(
         metadata["timm_model"] = name
     if (options := options_of(model)) is not None:
         metadata["icrewrite_options"] = json.dumps(options)
-    if names := (getattr(model, "pretrained_cfg", None) or {}).get("label_names"):  # what the outputs mean
-        metadata["label_names"] = json.dumps(list(names))
+    if names := model_info.class_names(model):  # what the outputs mean
+        metadata["label_names"] = json.dumps(names)
     return metadata
 
 

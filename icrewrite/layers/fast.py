@@ -250,7 +250,7 @@ def _compare_with_reference(device: torch.device, dtype: torch.dtype, layout: st
         inputs = [x.detach().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
         seed = _philox_seed(x)
         out, mean, var = _PhiloxBatchNormDropout.apply(*inputs, seed, _CHECK_P, 1e-5)
-        _update_running_stats(RunningStats(*running, 0.1), mean, var, x.numel() // features)
+        _update_running_stats(RunningStats(*running, 0.1), mean, var, x)
         grad = torch.randn(out.shape, device=device, generator=numbers).to(out.dtype)
         compute = parameters_dtype
         got = torch.autograd.grad(out, inputs, grad)
@@ -389,7 +389,7 @@ def _normalise(
     if _row_stats_pay_off(x):
         mean, var = _row_stats(x)
         if running is not None:
-            _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+            _update_running_stats(running, mean, var, x)
         out = torch.native_batch_norm(x, scale, shift, mean, var, False, 0.0, eps)[0]
         return out, BatchStats(mean, var, var.add(eps).rsqrt_())
     running_mean, running_var, momentum = (None, None, 0.0) if running is None else (
@@ -876,8 +876,10 @@ def _count_batch(norm: _BatchNorm) -> float:
     return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
 
 
-def _update_running_stats(running: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """BatchNorm's update of the running statistics from the batch ones (unbiased variance), in their own dtype."""
+def _update_running_stats(running: RunningStats, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor) -> None:
+    """BatchNorm's update of the running statistics from the statistics of batch ``x`` (unbiased variance, over
+    its values per feature), in their own dtype."""
+    count = x.numel() // x.shape[1]
     with torch.no_grad():
         running.mean.lerp_(mean.to(running.mean.dtype), running.momentum)
         running.var.lerp_((var * (count / (count - 1))).to(running.var.dtype), running.momentum)
@@ -910,14 +912,14 @@ def batch_norm_dropout(
             if not _falls_back(x, error):
                 raise
         else:
-            _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+            _update_running_stats(running, mean, var, x)
             return out
     if _runs_natively(x):
         return _native_batch_norm_dropout(x, running_mean, running_var, weight, bias, p, momentum, eps)
     if not torch.compiler.is_compiling():
         return _BatchNormDropout.apply(x, weight, bias, running, p, eps)
     out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
-    _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+    _update_running_stats(running, mean, var, x)
     return out
 
 
@@ -971,10 +973,10 @@ def norm_dropout_layer(
             if not _falls_back(x, error):
                 raise
         else:
-            _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+            _update_running_stats(running, mean, var, x)
             return out
     if not torch.compiler.is_compiling():
         return _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, running, p, norm.eps, call, amp)
     out, mean, var, _ = _layer_forward_op(x, norm.weight, norm.bias, weight, bias, p, norm.eps, *_call_args(call), amp)
-    _update_running_stats(running, mean, var, x.numel() // x.shape[1])
+    _update_running_stats(running, mean, var, x)
     return out

@@ -253,8 +253,9 @@ def feature_columns(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def check_probability(p: float) -> float:
-    """``p`` if it is a dropout probability IC accepts (``0 <= p < 1``), else a ``ConversionError``."""
+def check_probability(p: float, name: str = "p") -> float:
+    """``p`` if it is a dropout probability IC accepts (``0 <= p < 1``; NaN is not), else a
+    ``ConversionError`` naming it ``name``."""
     if not 0.0 <= p < 1.0:
-        raise ConversionError(f"p must be in [0, 1), got {p}")
+        raise ConversionError(f"{name} must be in [0, 1), got {p}")
     return p

@@ -22,7 +22,7 @@ from ._probe import LayerWatch, probe_weight_use
 from ..registry import class_path
 from ._reroute import Reroute, find_reroute, resolve_routed_class, route
 from ._trace import Scope, trace_scopes
-from ._verify import TOLERANCE, Report, eval_mode, output_tensors, verify
+from ._verify import TOLERANCE, Report, eval_mode, modes_kept, output_tensors, verify
 
 __all__ = [
     "trace_scopes", "Scope", "analyse", "Analysis", "Layer", "NormBeforeAct", "Reroute", "find_reroute", "route",
@@ -31,5 +31,5 @@ __all__ = [
     "ActivationRef", "ModuleActivation", "FunctionActivation", "Note", "NOTE_KINDS", "Options", "INITS", "SCHEMA_VERSION",
     "Phase", "ApplyContext", "EditMismatch", "matches", "parse_p_override",
     "convert", "replay", "apply", "fold_bn_into", "options_of", "plan_of", "clone_module", "activation_moments",
-    "site_moments", "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors", "eval_mode",
+    "site_moments", "calibrate", "LayerWatch", "probe_weight_use", "verify", "Report", "TOLERANCE", "output_tensors", "eval_mode", "modes_kept",
 ]

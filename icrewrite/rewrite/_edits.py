@@ -72,8 +72,13 @@ class Reader:
         where = f"{self.where}.{key}" if key else self.where
         return ConversionError(f"malformed plan: {where}: {message}")
 
-    def get(self, key: str, *types: type) -> Any:
-        """The value of ``key``, of exactly one of ``types`` (so ``True`` is not an ``int``)."""
+    def get(self, key: str, *types: type, default: Any = ...) -> Any:
+        """The value of ``key``, of exactly one of ``types`` (so ``True`` is not an ``int``);
+        ``default`` when ``key`` is absent and a default is given."""
+        if key not in self.data:
+            if default is ...:
+                raise self.error("missing", key)
+            return default
         value = self.data[key]
         if type(value) not in types:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)

@@ -114,9 +114,7 @@ def _probability(p: Any, name: str) -> float:
     """A dropout probability given by a user: a real number (not a bool or a string) in [0, 1)."""
     if not isinstance(p, (int, float)) or isinstance(p, bool):
         raise ConversionError(f"{name} must be a number in [0, 1), got {p!r}")
-    if not (math.isfinite(p) and 0.0 <= p < 1.0):
-        raise ConversionError(f"{name} must be in [0, 1), got {p}")
-    return p
+    return check_probability(p, name)
 
 
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None, **cli: Any) -> Any:

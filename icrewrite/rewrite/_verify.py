@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConversionError
+from ..errors import ConversionError, few
 from ._inputs import check_model_usable
 
 __all__ = ["Report", "verify", "output_tensors", "eval_mode"]
@@ -102,6 +102,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` for a block that may switch any of its modules between train and eval mode;
+    afterwards each module is back in the mode it was in."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def _eval_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with eval_mode(model):
@@ -118,8 +130,7 @@ def _non_finite(original: nn.Module, converted: nn.Module, outputs: dict[str, li
     for which, model in (("original", original), ("converted", converted)):
         names = _not_finite([*model.named_parameters(), *model.named_buffers()])
         if names:
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            found.append(f"NaN or infinite values in the {which} model's {shown}")
+            found.append(f"NaN or infinite values in the {which} model's {few(names)}")
     if not found:
         found = [f"NaN or infinite values in the {which} model's output"
                  for which, tensors in outputs.items() if _not_finite([("", t) for t in tensors])]

@@ -241,13 +241,14 @@ class Metric:
     higher_is_better: bool | None
     digits: int
     key: str  # in the evaluation; "val_acc" and "best_val_acc" come from the history
+    scale: float = 1.0  # the report's unit per unit of the evaluation (100: a fraction shown in points)
 
     def value(self, history: History, evaluation: Evaluation) -> float:
         if self.key == "val_acc":
             return history[-1]["val_acc"]
         if self.key == "best_val_acc":
             return max(r["val_acc"] for r in history)
-        return (100.0 if self.key.endswith("ece") else 1.0) * evaluation[self.key]
+        return self.scale * evaluation[self.key]
 
 
 METRICS = (
@@ -255,13 +256,13 @@ METRICS = (
     # chosen on the test data, so optimistic: shown, not tested
     Metric("best test accuracy (points)", "best test acc (%)", None, 2, "best_val_acc"),
     Metric("NLL", "NLL", False, 4, "nll"),
-    Metric("ECE (points)", "ECE (%)", False, 2, "ece"),
+    Metric("ECE (points)", "ECE (%)", False, 2, "ece", 100.0),
     Metric("Brier score", "Brier", False, 4, "brier"),
 )
 MC_METRICS = (
     Metric("MC-dropout test accuracy (points)", "MC acc (%)", True, 2, "mc_top1"),
     Metric("MC-dropout NLL", "MC NLL", False, 4, "mc_nll"),
-    Metric("MC-dropout ECE (points)", "MC ECE (%)", False, 2, "mc_ece"),
+    Metric("MC-dropout ECE (points)", "MC ECE (%)", False, 2, "mc_ece", 100.0),
     Metric("MC-dropout Brier score", "MC Brier", False, 4, "mc_brier"),
     Metric("MC-dropout predictive entropy (nats)", "MC entropy", None, 4, "mc_entropy"),
     Metric("MC-dropout mutual information (nats)", "MC MI", None, 4, "mc_mutual_information"),

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .. import model_info
 from ..errors import DataError, require
 
 __all__ = [
@@ -364,15 +365,11 @@ def model_class_names(source: nn.Module | str | os.PathLike) -> list[str] | None
     """The class names recorded with a model or a model file written by ``icrewrite.save``
     (``finetune`` records its training data's), or None when none are recorded."""
     if isinstance(source, nn.Module):
-        names = (getattr(source, "pretrained_cfg", None) or {}).get("label_names")
-    else:
-        from ..checkpoint import read_config
+        return model_info.class_names(source)
+    from ..checkpoint import read_config
 
-        config = read_config(source)
-        names = config.get("label_names") or (config.get("pretrained_cfg") or {}).get("label_names")
-    if isinstance(names, dict):  # timm allows {index: name}
-        names = [names[k] for k in sorted(names, key=int)] if names else None
-    return [str(name) for name in names] if names else None
+    config = read_config(source)
+    return model_info.label_names(config.get("label_names") or (config.get("pretrained_cfg") or {}).get("label_names"))
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

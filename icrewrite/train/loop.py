@@ -42,6 +42,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -344,10 +345,17 @@ class _ModelSaver(CheckpointSaver):
     def _save(self, save_path: str, epoch: int, metric: float | None = None) -> None:
         save_model(self.model, save_path, force=True)
 
-    def _duplicate(self, src: str, dst: str) -> None:
-        if Path(dst).name == "model_best" + self.extension:  # timm's name for it; ours predates the saver
-            dst = str(Path(dst).with_name(BEST_FILE))
-        super()._duplicate(src, dst)
+    def save_checkpoint(self, epoch: int, metric: float | None = None) -> tuple[float | None, int | None]:
+        """timm's ``save_checkpoint``, with its ``model_best`` file renamed to ``best.safetensors`` (our
+        name predates the saver). A leftover ``checkpoint-EPOCH`` of a run killed after writing it is
+        replaced: timm 1.0.9 - 1.0.12 link without removing one first."""
+        folder = Path(self.checkpoint_dir)
+        (folder / f"{self.save_prefix}-{epoch}{self.extension}").unlink(missing_ok=True)
+        result = super().save_checkpoint(epoch, metric)
+        timm_best = folder / f"model_best{self.extension}"
+        if timm_best.exists():
+            os.replace(timm_best, folder / BEST_FILE)
+        return result
 
     def bookkeeping(self) -> dict[str, Any]:
         return {"files": [(Path(f).name, m) for f, m in self.checkpoint_files], "best_epoch": self.best_epoch,

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from ..errors import ICRewriteError
 from ..files import atomic_path
 from ..independence import _seeded_dropout
+from ..rewrite import modes_kept
 from .data import model_class_names
 
 __all__ = ["ECE_BINS", "Metrics", "Validation", "ValidationError", "brier_score", "class_names_of",
@@ -249,32 +250,27 @@ def validate(model: nn.Module, loader: DataLoader | Sequence[tuple[torch.Tensor,
     device = _device(model, device)
     labels, probs, losses = [], [], []
     mc_probs, mc_losses, pass_entropies = [], [], []
-    modes = [(m, m.training) for m in model.modules()]
     dropouts = _dropout_modules(model)
     seeded = _seeded_dropout(device, seed) if mc_samples else contextlib.nullcontext()
-    try:
+    with modes_kept(model), seeded:
         model.to(device).eval()
-        with seeded:
-            for images, targets in loader:
-                images, targets = images.to(device), torch.as_tensor(targets).to(device)
-                logits = model(images).float()
-                if logits.ndim != 2:
-                    raise ValidationError(f"the model returns a tensor of shape {tuple(logits.shape)}; validate "
-                                          "needs class scores (batch, classes), as a classifier gives")
-                if targets.min() < 0 or targets.max() >= logits.shape[1]:
-                    raise ValidationError(f"the data has labels up to {int(targets.max())} but the model has "
-                                          f"{logits.shape[1]} outputs; give a model with as many classes as the data")
-                labels.append(targets.cpu())
-                probs.append(logits.softmax(dim=1).double().cpu())
-                losses.append(F.cross_entropy(logits, targets, reduction="sum").item())
-                if mc_samples:
-                    mean, entropy, loss = _mc_passes(model, dropouts, images, targets, mc_samples)
-                    mc_probs.append(mean)
-                    pass_entropies.append(entropy)
-                    mc_losses.append(loss)
-    finally:
-        for module, training in modes:
-            module.training = training
+        for images, targets in loader:
+            images, targets = images.to(device), torch.as_tensor(targets).to(device)
+            logits = model(images).float()
+            if logits.ndim != 2:
+                raise ValidationError(f"the model returns a tensor of shape {tuple(logits.shape)}; validate "
+                                      "needs class scores (batch, classes), as a classifier gives")
+            if targets.min() < 0 or targets.max() >= logits.shape[1]:
+                raise ValidationError(f"the data has labels up to {int(targets.max())} but the model has "
+                                      f"{logits.shape[1]} outputs; give a model with as many classes as the data")
+            labels.append(targets.cpu())
+            probs.append(logits.softmax(dim=1).double().cpu())
+            losses.append(F.cross_entropy(logits, targets, reduction="sum").item())
+            if mc_samples:
+                mean, entropy, loss = _mc_passes(model, dropouts, images, targets, mc_samples)
+                mc_probs.append(mean)
+                pass_entropies.append(entropy)
+                mc_losses.append(loss)
     if not labels:
         raise ValidationError("the data has no samples")
     label_array = torch.cat(labels).numpy()
