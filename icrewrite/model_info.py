@@ -31,11 +31,27 @@ def architecture(model: nn.Module) -> str:
     return timm_architecture(model) or type(model).__name__
 
 
+def _required_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(H, W)`` that the model's patch embedding insists on (timm's ``PatchEmbed`` with
+    ``strict_img_size``), or None when it takes any size."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or not getattr(embed, "strict_img_size", False) or getattr(embed, "dynamic_img_pad", False):
+        return None
+    return int(size[0]), int(size[1])
+
+
 def input_size(model: nn.Module, given: Sequence[int] | None = None) -> tuple[int, ...] | None:
     """``(C, H, W)``: ``given`` when given, else the model's ``pretrained_cfg["input_size"]``,
-    else None (the caller decides: a meta probe takes :data:`DEFAULT_INPUT_SIZE`, an export asks)."""
+    else None (the caller decides: a meta probe takes :data:`DEFAULT_INPUT_SIZE`, an export asks).
+    A ViT built with another ``img_size`` than its config's takes that size (timm < 1.0.31 leaves
+    the config's ``input_size`` as registered, which its strict patch embedding then refuses)."""
     size = given if given is not None else _cfg(model).get("input_size")
-    return None if size is None else tuple(int(d) for d in size)
+    if size is None:
+        return None
+    size = tuple(int(d) for d in size)
+    required = _required_image_size(model) if given is None else None
+    return (size[0], *required) if required is not None and len(size) == 3 else size
 
 
 def classifier_names(model: nn.Module) -> set[str]:

@@ -133,6 +133,9 @@ def timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+# timm's smallest CNN; test_resnet is in timm >= 1.0.10, older timm gets resnet10t (slower, same role)
+SMALL_CNN = "test_resnet" if timm.is_model("test_resnet") else "resnet10t"
+
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10)  # a quarter-width resnet18, 0.2M parameters
 
 

@@ -16,6 +16,7 @@ from icrewrite.cli import main
 from icrewrite.deploy.onnx import export_onnx
 from icrewrite.train.data import model_class_names
 from icrewrite.train.loop import STATE_FILE
+from nets import SMALL_CNN
 
 COLOURS = {"ant": (200, 30, 30), "cat": (30, 200, 30), "dog": (30, 30, 200)}  # each class one hue
 
@@ -51,7 +52,7 @@ def test_validation_with_a_subset_of_the_classes_scores_as_an_independent_evalua
     _write(tmp_path / "data" / "train", ["ant", "cat", "dog"], per_class=8)
     _write(tmp_path / "data" / "val", ["cat", "dog"], per_class=4)
     out = tmp_path / "run"
-    code = main(["finetune", "test_resnet", "--data", str(tmp_path / "data"), "--img-size", "16", "--batch-size", "8",
+    code = main(["finetune", SMALL_CNN, "--data", str(tmp_path / "data"), "--img-size", "16", "--batch-size", "8",
                  "--epochs", "3", "--lr", "0.01", "--workers", "0", "--checkpoint-hist", "2", "--ema",
                  "--no-progress", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -84,7 +85,7 @@ def test_a_folder_where_no_image_decodes_is_one_line_and_leaves_no_output(
         for n in range(5):
             (tmp_path / "data" / name / f"{n}.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "run"
-    assert main(["finetune", "test_resnet", "--data", str(tmp_path / "data"), "--img-size", "16", "--workers", "0",
+    assert main(["finetune", SMALL_CNN, "--data", str(tmp_path / "data"), "--img-size", "16", "--workers", "0",
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -28,9 +28,11 @@ from torch import nn
 import icrewrite
 from icrewrite import ICRewriteError, Plan
 from icrewrite.errors import ConversionError
+from icrewrite.checkpoint import create_timm_model
 from icrewrite.layers import IC
 from icrewrite.rewrite import replay
 from icrewrite.testing import randomize_norms
+from nets import SMALL_CNN
 
 
 class Small(nn.Module):
@@ -325,9 +327,9 @@ def cli(cwd: Path, *args: str | Path) -> subprocess.CompletedProcess:
 
 def test_convert_plan_does_not_import_a_module_planted_in_the_current_folder(tmp_path):
     marker = plant(tmp_path, "planted_module")
-    data = icrewrite.plan(timm.create_model("test_resnet", num_classes=10)).to_dict()
+    data = icrewrite.plan(timm.create_model(SMALL_CNN, num_classes=10)).to_dict()
     (tmp_path / "hostile.json").write_text(json.dumps(with_route_to(data, "planted_module:Evil")))
-    result = cli(tmp_path, "convert", "test_resnet", "--num-classes", "10", "--plan", "hostile.json", "-o", "out")
+    result = cli(tmp_path, "convert", SMALL_CNN, "--num-classes", "10", "--plan", "hostile.json", "-o", "out")
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "unknown routed class 'planted_module:Evil'" in last
@@ -337,7 +339,7 @@ def test_convert_plan_does_not_import_a_module_planted_in_the_current_folder(tmp
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = randomize_norms(timm.create_model("test_resnet", num_classes=10), seed=1).eval()
+    model = randomize_norms(create_timm_model(SMALL_CNN, num_classes=10), seed=1).eval()
     return icrewrite.save(icrewrite.convert(model), tmp_path_factory.mktemp("saved") / "ic.safetensors")
 
 

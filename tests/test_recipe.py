@@ -29,7 +29,7 @@ from icrewrite.errors import MissingExtra
 from icrewrite.train.data import DigitsDataset, make_dataset
 from icrewrite.train.loop import STATE_FILE, FinetuneConfig, World, _Run, finetune
 
-from nets import tiny_digit_loaders as loaders, tiny_resnet as tiny
+from nets import SMALL_CNN, tiny_digit_loaders as loaders, tiny_resnet as tiny
 from test_examples import subprocess_env
 
 
@@ -224,7 +224,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_model_kwargs_reach_timm_create_model() -> None:
-    args = _parse("finetune", "test_resnet", "--model-kwargs", "drop_rate=0.25", "num_classes=3", "-o", "x")
+    args = _parse("finetune", SMALL_CNN, "--model-kwargs", "drop_rate=0.25", "num_classes=3", "-o", "x")
     assert args.model_kwargs == {"drop_rate": 0.25, "num_classes": 3}
     model = model_from_args(args)
     assert model.drop_rate == 0.25 and model.num_classes == 3
@@ -238,14 +238,14 @@ def test_a_config_file_sets_options_and_the_command_line_overrides_it(tmp_path: 
     config.write_text("lr: 0.01\nbatch_size: 32\ngrad-accum-steps: 2\nmixup: 0.2\nema: true\nno_progress: true\n"
                       "amp: bf16\nmodel_kwargs: {drop_rate: 0.1}\nexclude: [head, 'stem*']\nepochs: 7\n")
     for argv in (["-c", str(config), "--lr", "0.05", "--epochs", "3"], ["--lr=0.05", "-c", str(config), "--epochs=3"]):
-        args = _parse("finetune", "test_resnet", "-o", "x", *argv)
+        args = _parse("finetune", SMALL_CNN, "-o", "x", *argv)
         assert (args.lr, args.epochs, args.batch_size, args.grad_accum_steps, args.mixup) == (0.05, 3, 32, 2, 0.2)
         assert args.ema and not args.progress and args.amp == "bf16" and args.model_kwargs == {"drop_rate": 0.1}
         assert args.exclude == ["head", "stem*"] and args.opt == "adamw"  # not in the file: the default
-    given = _parse("finetune", "test_resnet", "-o", "x", "-c", str(config), "--exclude", "fc", "--epochs", "10")
+    given = _parse("finetune", SMALL_CNN, "-o", "x", "-c", str(config), "--exclude", "fc", "--epochs", "10")
     assert given.exclude == ["fc"] and given.epochs == 10  # given on the command line, equal to the default: kept
     config.write_text(config.read_text().replace("exclude: [head, 'stem*']\n", ""))  # compare's variants hold those
-    compare = _parse("compare", "test_resnet", "-o", "x", "-c", str(config), "--mixup", "0.5")
+    compare = _parse("compare", SMALL_CNN, "-o", "x", "-c", str(config), "--mixup", "0.5")
     assert (compare.lr, compare.mixup, compare.grad_accum_steps, compare.epochs) == (0.01, 0.5, 2, 7)
 
 
@@ -266,8 +266,8 @@ def test_config_file_and_command_line_combine_as_documented(tmp_path: Path, in_f
             ([f"--{k.replace('_', '-')}"] if isinstance(OVERRIDABLE[k][1], bool) else
              [f"--{k.replace('_', '-')}", str(OVERRIDABLE[k][1])])]
     file_args = ["-c", str(config)]
-    args = _parse("finetune", "test_resnet", "-o", "x", *(file_args + line if config_first else line + file_args))
-    defaults = _parse("finetune", "test_resnet", "-o", "x")
+    args = _parse("finetune", SMALL_CNN, "-o", "x", *(file_args + line if config_first else line + file_args))
+    defaults = _parse("finetune", SMALL_CNN, "-o", "x")
     for key, (from_file, from_line) in OVERRIDABLE.items():
         expected = from_line if key in on_line else from_file if key in in_file else getattr(defaults, key)
         assert getattr(args, key) == expected, key
@@ -286,7 +286,7 @@ def test_a_bad_config_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFi
                                         message: str) -> None:
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(SystemExit) as exit_:
-        _parse("finetune", "test_resnet", "-o", "x", "-c", str(tmp_path / "c.yaml"))
+        _parse("finetune", SMALL_CNN, "-o", "x", "-c", str(tmp_path / "c.yaml"))
     assert exit_.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -295,7 +295,7 @@ def test_a_config_file_without_pyyaml_names_the_extra(tmp_path: Path, capsys: py
     (tmp_path / "c.yaml").write_text("lr: 0.1\n")
     monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now raises ImportError
     with pytest.raises(SystemExit):
-        _parse("finetune", "test_resnet", "-o", "x", "-c", str(tmp_path / "c.yaml"))
+        _parse("finetune", SMALL_CNN, "-o", "x", "-c", str(tmp_path / "c.yaml"))
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "yaml is not installed; it comes with pip install 'icrewrite[train]'" in lines[0]

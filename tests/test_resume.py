@@ -19,7 +19,7 @@ from icrewrite.cli import main
 from icrewrite.errors import DataError
 from icrewrite.train.loop import STATE_FILE, FinetuneConfig, TrainingError, finetune
 
-from nets import TINY, tiny_digit_loaders as loaders, tiny_resnet as tiny
+from nets import SMALL_CNN, TINY, tiny_digit_loaders as loaders, tiny_resnet as tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,7 +153,7 @@ def test_bad_numbers_are_one_line_before_any_work(tmp_path: Path, capsys: pytest
 def test_resume_without_convert_or_with_another_model_is_one_line(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    command = ["finetune", "test_resnet", "--data", "digits", "--img-size", "8", "--batch-size", "256", "--epochs",
+    command = ["finetune", SMALL_CNN, "--data", "digits", "--img-size", "8", "--batch-size", "256", "--epochs",
                "1", "--no-progress", "-o", str(out)]
     assert main([*command, "--convert"]) == 0
     capsys.readouterr()
