@@ -18,3 +18,15 @@ def test_verify_reports_exact_parity_and_a_changed_function():
     with torch.no_grad():
         converted.fc.weight.mul_(1.1)
     assert not icrewrite.verify(model, converted, torch.randn(2, 3, 32, 32)).ok
+
+
+def test_eval_mode_gives_each_module_its_own_mode_back():
+    from torch import nn
+
+    from icrewrite.rewrite import eval_mode
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training

@@ -92,17 +92,6 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the block, then back in the mode it was in (train or eval)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
 def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` for a block that may switch any of its modules between train and eval mode;
     afterwards each module is back in the mode it was in."""
@@ -112,6 +101,14 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then each module back in the mode it was in (a
+    training model with frozen, eval-mode BatchNorms keeps them frozen)."""
+    with modes_kept(model):
+        yield model.eval()
 
 
 @torch.no_grad()
