@@ -32,6 +32,7 @@ from torch import nn
 
 __all__ = [
     # torch
+    "forked_rng",
     "is_exporting",
     "onnx_export_without_draft",
     # timm
@@ -378,3 +379,20 @@ def onnx_export_without_draft() -> Iterator[None]:
         yield
     finally:
         strategies.CAPTURE_STRATEGIES = tried
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device | str = "cpu", seed: int | None = None) -> Iterator[None]:
+    """The default generators of the CPU and of ``device`` as they were once the block ends, seeded
+    with ``seed`` inside it when given: random numbers drawn for a check or a measurement are no
+    user's. torch 2.11 refuses ``fork_rng(device_type=None)``, which 2.14 reads as the current
+    accelerator, so the device type is always named."""
+    device = torch.device(device)
+    accelerators = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                torch.cuda.default_generators[device.index if device.index is not None
+                                              else torch.cuda.current_device()].manual_seed(seed)
+        yield

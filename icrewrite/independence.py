@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from .compat import forked_rng
 from .errors import ICRewriteError
 from .files import atomic_path
 from .layers import IC, ICWeightLayer, feature_columns
@@ -364,16 +365,6 @@ def _train_mode_without_updates(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-@contextlib.contextmanager
-def _seeded_dropout(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the global RNG (Dropout masks) for the block and give the caller's state back."""
-    accelerators = [] if device.type == "cpu" else [device]
-    # device_type always named: torch 2.11 refuses None, which 2.14 takes for "the current accelerator".
-    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
-        torch.manual_seed(seed)
-        yield
-
-
 def _batch_input(batch: Any) -> torch.Tensor:
     """The model input of a loader batch: the batch itself or the first item of ``(input, target)``."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -396,7 +387,7 @@ def _measure(
     handles = [site.attach() for site in sites]
     parameter = next(model.parameters())
     try:
-        with _train_mode_without_updates(model), _seeded_dropout(parameter.device, seed):
+        with _train_mode_without_updates(model), forked_rng(parameter.device, seed):
             bar = tqdm(batches, desc=f"stats {type(model).__name__}", unit="batch", disable=not progress, leave=False)
             for batch in bar:
                 model(batch.to(parameter.device, parameter.dtype))

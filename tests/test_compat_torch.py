@@ -31,3 +31,19 @@ def test_is_exporting_under_export_compile_and_eager(strict):
     torch.testing.assert_close(Flag()(x), x - 1)
     torch.testing.assert_close(torch.compile(Flag(), backend="eager", fullgraph=True)(x), x - 1)
     torch.testing.assert_close(torch.export.export(Flag(), (x,), strict=strict).module()(x), x + 1)
+
+
+def test_forked_rng_seeds_the_block_and_gives_the_callers_state_back():
+    from icrewrite.compat import forked_rng
+
+    torch.manual_seed(123)
+    expected_after = torch.rand(3)
+    torch.manual_seed(123)
+    with forked_rng("cpu", seed=7):
+        inside = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(inside, torch.rand(3))  # seeded inside
+    torch.manual_seed(123)
+    with forked_rng("cpu", seed=7):
+        torch.rand(100)
+    assert torch.equal(torch.rand(3), expected_after)  # the caller's stream goes on as if nothing was drawn

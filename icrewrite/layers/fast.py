@@ -47,7 +47,6 @@ output and updates the running statistics.
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import os
@@ -203,19 +202,6 @@ def check_triton(device: torch.device | str, dtype: torch.dtype = torch.float32,
     return _self_check(torch.device(device), dtype, layout)
 
 
-@contextlib.contextmanager
-def _rng_kept(device: torch.device):
-    """Leave the default generators (CPU, and ``device``'s) as they were: a self-check draws no user's numbers."""
-    cpu_state = torch.get_rng_state()
-    device_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if device_state is not None:
-            torch.cuda.set_rng_state(device_state, device)
-
-
 _CHECK_P = 0.25
 
 
@@ -228,7 +214,7 @@ def _self_check(device: torch.device, dtype: torch.dtype, layout: str) -> str | 
     if refusal is not None:
         return refusal
     try:
-        with _rng_kept(device), torch.no_grad():
+        with compat.forked_rng(device), torch.no_grad():
             return _compare_with_reference(device, dtype, layout)
     except Exception as error:  # noqa: BLE001 (any failure of the kernels means the reference)
         return f"the Triton self-check failed ({_one_line(error)})"

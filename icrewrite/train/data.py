@@ -42,6 +42,7 @@ from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .. import model_info
+from ..compat import forked_rng
 from ..errors import DataError, require
 
 __all__ = [
@@ -413,8 +414,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 def _seeded_sampling(seed: int) -> Iterator[None]:
     """Seed torch (CPU), ``random`` and ``numpy`` for a block, then restore their states."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
+    with forked_rng("cpu", seed):
         random.seed(seed)
         np.random.seed(seed)
         try:

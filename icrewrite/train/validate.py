@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ICRewriteError
 from ..files import atomic_path
-from ..independence import _seeded_dropout
+from ..compat import forked_rng
 from ..rewrite import modes_kept
 from .data import model_class_names
 
@@ -251,7 +251,7 @@ def validate(model: nn.Module, loader: DataLoader | Sequence[tuple[torch.Tensor,
     labels, probs, losses = [], [], []
     mc_probs, mc_losses, pass_entropies = [], [], []
     dropouts = _dropout_modules(model)
-    seeded = _seeded_dropout(device, seed) if mc_samples else contextlib.nullcontext()
+    seeded = forked_rng(device, seed) if mc_samples else contextlib.nullcontext()
     with modes_kept(model), seeded:
         model.to(device).eval()
         for images, targets in loader:
