@@ -7,8 +7,7 @@ from typing import Any
 from ..files import refuse_overwrite
 from ..train.data import DIGITS, EVAL_SPLITS
 from . import add_command, add_model_arguments, at_least, model_from_args, positive_int, progress
-from ._data import loader_workers, model_img_size, model_loader
-from .finetune import DIGITS_IMG_SIZE
+from ._data import DIGITS_IMG_SIZES, loader_workers, model_img_size, model_loader
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +29,8 @@ def register(subparsers: Any) -> None:
                              "or the fixed 20%% hold-out) or a timm dataset NAME:ROOT")
     parser.add_argument("--split", default="validation", choices=EVAL_SPLITS, help="split to read (default validation)")
     parser.add_argument("--img-size", type=positive_int, metavar="PIXELS",
-                        help=f"image size (default: {DIGITS_IMG_SIZE} for digits, else the model's input size)")
+                        help=f"image size (default: {DIGITS_IMG_SIZES['finetune']} for digits, the size finetune trains "
+                             "at; else the model's input size)")
     parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="default 64")
     parser.add_argument("--workers", type=at_least(0), metavar="N",
                         help="data-loading worker processes (default: 0 for digits, else 4)")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if path:
             refuse_overwrite(path, force=True)  # a writable place for it, before the evaluation
     model = model_from_args(args)
-    img_size = model_img_size(model, args.data, args.img_size, DIGITS_IMG_SIZE)
+    img_size = model_img_size(model, args.data, args.img_size, DIGITS_IMG_SIZES["finetune"])
     progress(f"reading the {args.split} split of {args.data} at {img_size}x{img_size}")
     loader = model_loader(model, args.data, args.split, args.batch_size, img_size=img_size,
                           num_workers=loader_workers(args.data, args.workers))
