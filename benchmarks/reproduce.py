@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                          variants=variants(args.p, args.layouts), seeds=args.seeds, target=args.target,
                          resume=True, title="Baseline vs IC, reproduced at small scale", description=description,
                          log=lambda line: print(line, file=sys.stderr, flush=True), epochs=args.epochs, lr=args.lr,
-                         progress=False)
+                         progress=False, verbose=True)
     minutes = (time.perf_counter() - started) / 60
     args.out.mkdir(parents=True, exist_ok=True)
     for name, target in (("compare.json", "reproduce.json"), ("compare.png", "reproduce.png")):
