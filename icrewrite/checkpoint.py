@@ -308,10 +308,11 @@ class CheckpointConfig:
     options: Options | None
     plan: Plan | None
     parity: Report | None
-    probe: Probe
+    probe: Probe | None  # None only in a config about to be written (``with_probe=False``)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | os.PathLike) -> CheckpointConfig:
+    def from_dict(cls, data: Any, source: str | os.PathLike, *, with_probe: bool = True) -> CheckpointConfig:
+        """The typed config; ``with_probe=False`` reads one that ``save`` has not yet given its probe."""
         top = _Fields(data, "config", source)
         section = _Fields(top.get("icrewrite", dict), "icrewrite", source, allowed=_SECTION_KEYS)
         architecture = top.get("architecture", str)
@@ -339,7 +340,7 @@ class CheckpointConfig:
         return cls(architecture=architecture, model_args=model_args, pretrained_cfg=pretrained_cfg,
                    version=section.get("version", str), options=parsed_options,
                    plan=_recorded_plan(source, section.get("plan", dict, type(None), default=None)),
-                   parity=_parity(section), probe=_probe_record(section))
+                   parity=_parity(section), probe=_probe_record(section) if with_probe else None)
 
     def to_timm(self) -> dict[str, Any]:
         """``timm.create_model`` keyword arguments that build the architecture, without weights."""
@@ -435,6 +436,8 @@ def _rebuild(config: CheckpointConfig, source: str | os.PathLike, *, on_meta: bo
     try:
         model = create_timm_model(config.architecture, **config.to_timm())
     except ICRewriteError as err:
+        if on_meta and err.__cause__ is not None and not isinstance(err.__cause__, ICRewriteError):
+            raise err.__cause__ from None  # the builder failed on meta (it reads tensor values): the real build decides
         raise CheckpointError(f"{source}: {err}") from err
     except Exception as err:  # recorded arguments can fail a builder in any way
         if on_meta:
@@ -463,7 +466,7 @@ def _check_rebuilds(model: nn.Module, config: dict[str, Any]) -> None:
     (on the CPU for builders that need real tensors) and its state-dict layout compared.
     """
     try:
-        parsed = CheckpointConfig.from_dict(config, "the config to save")
+        parsed = CheckpointConfig.from_dict(config, "the config to save", with_probe=False)
         try:
             with torch.device("meta"):
                 expected = _rebuild(parsed, "the config to save").state_dict()
