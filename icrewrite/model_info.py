@@ -57,8 +57,9 @@ def input_size(model: nn.Module, given: Sequence[int] | None = None) -> tuple[in
 def classifier_names(model: nn.Module) -> set[str]:
     """Module names of the classifier, from ``pretrained_cfg["classifier"]`` and timm's ``get_classifier``."""
     names: set[str] = set()
-    classifier = _cfg(model).get("classifier")
-    names.update([classifier] if isinstance(classifier, str) else list(classifier or ()))
+    classifier = _cfg(model).get("classifier")  # a name or a list of names; a config read from a file may hold anything
+    names.update([classifier] if isinstance(classifier, str) else
+                 [c for c in classifier if isinstance(c, str)] if isinstance(classifier, (list, tuple)) else [])
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         try:
