@@ -51,6 +51,7 @@ import enum
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -892,19 +893,29 @@ def batch_norm_dropout(
     """
     running = RunningStats(running_mean, running_var, momentum)
     if _mask_kind(x) is MaskKind.PHILOX:
-        try:
-            out, mean, var = _PhiloxBatchNormDropout.apply(x, weight, bias, _philox_seed(x), p, eps)
-        except Exception as error:
-            if not _falls_back(x, error):
-                raise
-        else:
-            _update_running_stats(running, mean, var, x)
+        out = _philox_or_fall_back(x, running, lambda: _PhiloxBatchNormDropout.apply(
+            x, weight, bias, _philox_seed(x), p, eps))
+        if out is not None:
             return out
     if _runs_natively(x):
         return _native_batch_norm_dropout(x, running_mean, running_var, weight, bias, p, momentum, eps)
     if not torch.compiler.is_compiling():
         return _BatchNormDropout.apply(x, weight, bias, running, p, eps)
     out, mean, var, _ = _forward_op(x, weight, bias, p, eps)
+    _update_running_stats(running, mean, var, x)
+    return out
+
+
+def _philox_or_fall_back(x: torch.Tensor, running: RunningStats,
+                         run: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The Triton kernels' output, ``run()``, with the running statistics updated; None where they failed in a way
+    that falls back to the other paths (see :func:`_falls_back`)."""
+    try:
+        out, mean, var = run()
+    except Exception as error:
+        if not _falls_back(x, error):
+            raise
+        return None
     _update_running_stats(running, mean, var, x)
     return out
 
@@ -952,14 +963,9 @@ def norm_dropout_layer(
     amp = _autocast_dtype(x)
     if _mask_kind(x) is MaskKind.PHILOX:
         call_args = tuple(tuple(arg) if isinstance(arg, list) else arg for arg in _call_args(call))
-        try:
-            out, mean, var = _PhiloxNormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, _philox_seed(x),
-                                                           p, norm.eps, call_args, amp)
-        except Exception as error:
-            if not _falls_back(x, error):
-                raise
-        else:
-            _update_running_stats(running, mean, var, x)
+        out = _philox_or_fall_back(x, running, lambda: _PhiloxNormDropoutLayer.apply(
+            x, norm.weight, norm.bias, weight, bias, _philox_seed(x), p, norm.eps, call_args, amp))
+        if out is not None:
             return out
     if not torch.compiler.is_compiling():
         return _NormDropoutLayer.apply(x, norm.weight, norm.bias, weight, bias, running, p, norm.eps, call, amp)
