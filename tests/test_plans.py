@@ -96,6 +96,17 @@ def no_planning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys.modules["icrewrite.rewrite._plan"], "analyse", refuse)
 
 
+def assert_same_conversion(converted: nn.Module, expected: nn.Module, img_size: int) -> None:
+    """``converted`` is ``expected`` exactly: the same state, module classes and eval output."""
+    actual, wanted = converted.state_dict(), expected.state_dict()
+    assert actual.keys() == wanted.keys()
+    assert [k for k in wanted if not torch.equal(actual[k], wanted[k])] == []
+    assert {n: type(m) for n, m in converted.named_modules()} == {n: type(m) for n, m in expected.named_modules()}
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), expected.eval()(x))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_plan_replayed_from_json_converts_a_fresh_model_bit_identically(case, monkeypatch):
     name, options = CASES[case]
@@ -108,13 +119,7 @@ def test_plan_replayed_from_json_converts_a_fresh_model_bit_identically(case, mo
 
     no_planning(monkeypatch)
     converted = icrewrite.convert(build(name), plan=replayed)
-    actual, wanted = converted.state_dict(), expected.state_dict()
-    assert actual.keys() == wanted.keys()
-    assert [k for k in wanted if not torch.equal(actual[k], wanted[k])] == []
-    assert {n: type(m) for n, m in converted.named_modules()} == {n: type(m) for n, m in expected.named_modules()}
-    x = torch.randn(2, 3, MODELS[name][1], MODELS[name][1])
-    with torch.no_grad():
-        assert torch.equal(converted.eval()(x), expected.eval()(x))
+    assert_same_conversion(converted, expected, MODELS[name][1])
     assert converted.icrewrite_plan == expected.icrewrite_plan == the_plan.to_dict()
 
 
@@ -275,13 +280,7 @@ def test_plan_written_earlier_reads_as_todays_plan_and_replays_equal(case, monke
     expected = icrewrite.convert(build(name), **options)
     no_planning(monkeypatch)
     converted = icrewrite.convert(build(name), plan=read)
-    actual, wanted = converted.state_dict(), expected.state_dict()
-    assert actual.keys() == wanted.keys()
-    assert [k for k in wanted if not torch.equal(actual[k], wanted[k])] == []
-    assert {n: type(m) for n, m in converted.named_modules()} == {n: type(m) for n, m in expected.named_modules()}
-    x = torch.randn(2, 3, MODELS[name][1], MODELS[name][1])
-    with torch.no_grad():
-        assert torch.equal(converted.eval()(x), expected.eval()(x))
+    assert_same_conversion(converted, expected, MODELS[name][1])
 
 
 def test_every_edit_kind_is_one_class_with_its_checks_phase_and_effect():
